@@ -1,0 +1,47 @@
+# attribkit developer entry points. Run `make` (or `make help`) for a list.
+
+PYTHON ?= python3
+PIP := $(PYTHON) -m pip
+# CPU-only torch release installed when no torch is present and no NVIDIA GPU is found.
+TORCH_CPU_VERSION ?= 2.13.0
+LINT_PATHS := $(wildcard attribkit tests benchmarks examples)
+
+# Keep idle OpenMP threads from spinning (the test/bench machines have few cores).
+OMP_WAIT_POLICY ?= PASSIVE
+export OMP_WAIT_POLICY
+
+.DEFAULT_GOAL := help
+.PHONY: help install demo test lint bench
+
+help:  ## list the targets
+	@echo "attribkit make targets:"
+	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/^([a-z]+):.*## /  \1\t/' | expand -t 12
+
+install:  ## install torch if missing (CPU wheel without a GPU) and attribkit in editable mode
+	@if $(PYTHON) -c "import torch" >/dev/null 2>&1; then \
+		echo "torch $$($(PYTHON) -c 'import torch; print(torch.__version__)') already installed; keeping it"; \
+	elif command -v nvidia-smi >/dev/null 2>&1; then \
+		echo "nvidia-smi found: installing the default (CUDA) torch build"; \
+		$(PIP) install torch; \
+	else \
+		echo "no torch and no NVIDIA GPU: installing torch==$(TORCH_CPU_VERSION)"; \
+		$(PIP) install "torch==$(TORCH_CPU_VERSION)"; \
+	fi
+	$(PIP) install -e .
+
+demo: install  ## set up and run the example in examples/demo.py
+	$(PYTHON) examples/demo.py
+
+test: install  ## set up and run the test suite
+	$(PIP) install -e ".[test]"
+	OMP_WAIT_POLICY=$(OMP_WAIT_POLICY) $(PYTHON) -m pytest -q
+
+lint:  ## ruff check + format check
+	$(PIP) install ruff
+	$(PYTHON) -m ruff check $(LINT_PATHS)
+	$(PYTHON) -m ruff format --check $(LINT_PATHS)
+
+bench: install  ## set up and run every benchmark (dattri best-effort)
+	$(PIP) install -e ".[bench]"
+	$(PIP) install --no-deps dattri==0.1.0 || echo "dattri not installed; skipping it"
+	OMP_WAIT_POLICY=$(OMP_WAIT_POLICY) $(PYTHON) benchmarks/run.py

@@ -1,0 +1,138 @@
+"""One data normaliser for every estimator in model mode.
+
+``data`` may be a ``torch.utils.data.DataLoader``, a ``Dataset`` (batched
+here, in order), a tuple ``(inputs, targets)`` of tensors or arrays, or any
+iterable of ``(inputs, targets)`` batches. Inputs may be a tensor, a tuple of
+tensors (positional arguments of the model) or a dict (keyword arguments).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from .config import ComputeConfig
+
+
+def _is_array(x) -> bool:
+    return isinstance(x, (torch.Tensor, np.ndarray))
+
+
+def _as_tensor(x):
+    if isinstance(x, np.ndarray):
+        return torch.as_tensor(x)
+    if isinstance(x, Mapping):
+        return {k: _as_tensor(v) for k, v in x.items()}
+    if isinstance(x, (tuple, list)):
+        return tuple(_as_tensor(v) for v in x)
+    return x
+
+
+def to_device(x, device: torch.device):
+    """Move a tensor, or the tensors of a tuple/dict, to ``device``."""
+    if isinstance(x, torch.Tensor):
+        return x.to(device)
+    if isinstance(x, Mapping):
+        return {k: to_device(v, device) for k, v in x.items()}
+    if isinstance(x, (tuple, list)):
+        return tuple(to_device(v, device) for v in x)
+    return x
+
+
+def batch_len(inputs) -> int:
+    """Number of examples in a batch of inputs (first dim of its first tensor)."""
+    if isinstance(inputs, torch.Tensor):
+        return inputs.shape[0]
+    if isinstance(inputs, Mapping):
+        return batch_len(next(iter(inputs.values())))
+    return batch_len(inputs[0])
+
+
+def _is_pair_of_arrays(data) -> bool:
+    return (
+        isinstance(data, (tuple, list))
+        and len(data) == 2
+        and (_is_array(data[0]) or isinstance(data[0], (tuple, Mapping)))
+        and _is_array(data[1])
+    )
+
+
+def _slice(x, start, stop):
+    if isinstance(x, Mapping):
+        return {k: _slice(v, start, stop) for k, v in x.items()}
+    if isinstance(x, tuple):
+        return tuple(_slice(v, start, stop) for v in x)
+    return x[start:stop]
+
+
+def _pair(batch, index: int):
+    if isinstance(batch, (tuple, list)) and len(batch) == 2:
+        return _as_tensor(batch[0]), _as_tensor(batch[1])
+    raise ValueError(
+        "Each batch of 'data' must be a pair (inputs, targets). "
+        f"Got {type(batch).__name__} at batch {index} instead."
+    )
+
+
+def iter_batches(
+    data, config: ComputeConfig, device: torch.device | None = None, desc: str | None = None
+) -> Iterator[tuple[object, torch.Tensor]]:
+    """Yield ``(inputs, targets)`` batches from any supported ``data``.
+
+    Raises ``ValueError`` when ``data`` is ``None``, of an unsupported kind, or
+    yields no example at all.
+    """
+    if data is None:
+        raise ValueError(
+            "The 'data' argument is required when fitting on a torch.nn.Module: pass a "
+            "DataLoader, a Dataset, a tuple (inputs, targets) or an iterable of batches."
+        )
+    total = None
+    if _is_pair_of_arrays(data):
+        all_inputs, all_targets = _as_tensor(data[0]), _as_tensor(data[1])
+        n = batch_len(all_inputs)
+        if all_targets.shape[0] != n:
+            raise ValueError(
+                "The 'data' tuple (inputs, targets) must have as many targets as inputs. "
+                f"Got {n} inputs and {all_targets.shape[0]} targets."
+            )
+        bs = config.batch_size
+        batches: Iterable = [
+            (_slice(all_inputs, s, s + bs), all_targets[s : s + bs]) for s in range(0, n, bs)
+        ]
+        total = -(-n // bs)
+    elif isinstance(data, DataLoader):
+        batches = data
+    elif isinstance(data, Dataset) and hasattr(data, "__len__"):
+        batches = DataLoader(data, batch_size=config.batch_size, shuffle=False)
+    elif isinstance(data, Iterable) and not isinstance(data, (str, bytes, Mapping)):
+        batches = data
+    else:
+        raise ValueError(
+            "The 'data' argument must be a DataLoader, a Dataset, a tuple (inputs, targets) "
+            f"of tensors or an iterable of (inputs, targets) batches. Got {type(data).__name__}."
+        )
+    if total is None:
+        try:
+            total = len(batches)
+        except TypeError:
+            total = None
+    seen = 0
+    bar = tqdm(batches, total=total, desc=desc, disable=not config.show_progress, leave=False)
+    for i, batch in enumerate(bar):
+        inputs, targets = _pair(batch, i)
+        if batch_len(inputs) == 0:
+            continue
+        seen += batch_len(inputs)
+        if device is not None:
+            inputs, targets = to_device(inputs, device), to_device(targets, device)
+        yield inputs, targets
+    if seen == 0:
+        raise ValueError(
+            "The 'data' argument is empty: it yielded no example. (A generator can only be "
+            "iterated once; pass a DataLoader or a tuple to estimators that need two passes.)"
+        )

@@ -1,0 +1,268 @@
+"""Losses, target sampling for the true Fisher, and per-example gradients.
+
+Per-example gradients use ``torch.func``: ``functional_call`` of the model
+with the selected parameters swapped in, ``grad`` of the per-example loss and
+``vmap`` over the batch, so one batch costs one vectorised backward pass.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call, grad, vmap
+
+from . import _validation as V
+from ._data import iter_batches
+from .config import ComputeConfig
+
+__all__ = ["per_example_gradients"]
+
+
+# --------------------------------------------------------------------------- losses
+def _cross_entropy(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    # torch.nn.CrossEntropyLoss convention: outputs (N, C, d1, ...), targets
+    # (N, d1, ...) class indices or (N, C, d1, ...) probabilities.
+    losses = F.cross_entropy(outputs, targets, reduction="none")
+    if losses.ndim == 1:
+        return losses
+    if not targets.is_floating_point():
+        # Tokens at ignore_index (-100) are left out of their example's mean.
+        keep = (targets != -100).to(losses.dtype)
+        return (losses * keep).flatten(1).sum(1) / keep.flatten(1).sum(1).clamp_min(1)
+    return losses.flatten(1).mean(1)
+
+
+def _mse(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    if targets.shape != outputs.shape and targets.numel() == outputs.numel():
+        targets = targets.reshape(outputs.shape)
+    targets = targets.to(outputs.dtype)
+    return F.mse_loss(outputs, targets, reduction="none").reshape(outputs.shape[0], -1).mean(1)
+
+
+BUILTIN_LOSSES = {"cross_entropy": _cross_entropy, "mse": _mse}
+
+
+def resolve_loss(loss, owner="per_example_gradients") -> Callable:
+    """The per-example loss ``(outputs, targets) -> (N,)`` for ``loss``.
+
+    The built-ins are per-example versions of ``torch.nn.CrossEntropyLoss``
+    and ``torch.nn.MSELoss`` (MSE averages over output dimensions), so their
+    batch mean equals the torch loss.
+    """
+    V.check_loss(owner, loss)
+    if callable(loss):
+        return loss
+    return BUILTIN_LOSSES[loss]
+
+
+def sample_targets(outputs: torch.Tensor, loss) -> torch.Tensor:
+    """Targets drawn from the model's predictive distribution (``fisher="true"``).
+
+    Cross-entropy: classes drawn from ``softmax(outputs)`` over dim 1.
+    MSE: ``outputs + sqrt(D / 2) * N(0, I)`` with ``D`` output dimensions per
+    example: the Gaussian whose negative log-likelihood is the per-example MSE
+    up to a constant, so that the expected outer product of gradients equals
+    the Gauss-Newton matrix of the loss. Uses torch's global generator
+    (``torch.manual_seed`` makes it reproducible).
+    """
+    outputs = outputs.detach()
+    if loss == "cross_entropy":
+        probs = torch.softmax(outputs.movedim(1, -1).double(), dim=-1)
+        flat = probs.reshape(-1, probs.shape[-1])
+        draws = torch.multinomial(flat, 1).reshape(probs.shape[:-1])
+        return draws
+    if loss == "mse":
+        dim = math.prod(outputs.shape[1:])
+        return outputs + math.sqrt(dim / 2.0) * torch.randn_like(outputs)
+    raise ValueError(
+        "The 'fisher' parameter 'true' needs targets sampled from the model, which is "
+        "supported for loss='cross_entropy' and loss='mse' only. Got a custom loss "
+        f"{loss!r}; use fisher='empirical'."
+    )
+
+
+# --------------------------------------------------------------------------- params
+def select_params(model: torch.nn.Module, params, owner) -> OrderedDict:
+    """Ordered ``name -> parameter`` of the parameters to differentiate."""
+    named = OrderedDict(model.named_parameters())
+    if params is None:
+        chosen = OrderedDict((n, p) for n, p in named.items() if p.requires_grad)
+        if not chosen:
+            raise ValueError(f"The model given to {V._owner(owner)} has no trainable parameter.")
+        return chosen
+    V.check_params(owner, params)
+    unknown = [n for n in params if n not in named]
+    if unknown:
+        raise ValueError(
+            f"The 'params' parameter of {V._owner(owner)} names parameters the model does "
+            f"not have: {unknown}. Available: {list(named)}."
+        )
+    if len(set(params)) != len(params):
+        raise ValueError(
+            f"The 'params' parameter of {V._owner(owner)} lists a parameter twice: {params}."
+        )
+    # Model order, whatever order the user listed them in.
+    wanted = set(params)
+    return OrderedDict((n, p) for n, p in named.items() if n in wanted)
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    for b in model.buffers():
+        return b.device
+    return torch.device("cpu")
+
+
+def _call(model, state, inputs):
+    if isinstance(inputs, dict):
+        return functional_call(model, state, args=(), kwargs=inputs)
+    if isinstance(inputs, tuple):
+        return functional_call(model, state, inputs)
+    return functional_call(model, state, (inputs,))
+
+
+class _EvalMode:
+    """Evaluate in eval mode (no dropout, running batch-norm stats), then restore."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def __enter__(self):
+        self.was_training = self.model.training
+        self.model.eval()
+
+    def __exit__(self, *exc):
+        self.model.train(self.was_training)
+
+
+def iter_gradients(
+    model: torch.nn.Module,
+    data,
+    *,
+    loss="cross_entropy",
+    params=None,
+    fisher: str = "empirical",
+    config: ComputeConfig,
+    owner="per_example_gradients",
+    desc: str = "gradients",
+) -> Iterator[OrderedDict]:
+    """Yield per-example gradients batch by batch: ``name -> (b, *shape)``.
+
+    Gradients are detached, on the model's device and in its dtype. The model
+    is evaluated in eval mode (dropout off, batch-norm running statistics) and
+    its mode is restored afterwards.
+    """
+    loss_fn = resolve_loss(loss, owner)
+    V.check_fisher(owner, fisher)
+    if fisher == "true" and callable(loss):
+        sample_targets(None, loss)  # raises the explanatory error
+    selected = select_params(model, params, owner)
+    names = list(selected)
+    sel = {n: p.detach() for n, p in selected.items()}
+    frozen = {n: p.detach() for n, p in model.named_parameters() if n not in sel}
+    frozen.update(dict(model.named_buffers()))
+    device = model_device(model)
+
+    def one_loss(sel_params, x, t):
+        x1 = torch.utils._pytree.tree_map(lambda a: a.unsqueeze(0), x)
+        out = _call(model, {**frozen, **sel_params}, x1)
+        value = loss_fn(out, t.unsqueeze(0))
+        return value.reshape(())
+
+    per_example = vmap(grad(one_loss), in_dims=(None, 0, 0))
+    checked = False
+    with _EvalMode(model):
+        for inputs, targets in iter_batches(data, config, device=device, desc=desc):
+            if fisher == "true" or not checked:
+                with torch.no_grad():
+                    outputs = _call(model, {**frozen, **sel}, inputs)
+                if not checked:
+                    _check_loss_output(loss_fn, outputs, targets, owner)
+                    checked = True
+                if fisher == "true":
+                    targets = sample_targets(outputs, loss)
+            grads = per_example(sel, inputs, targets)
+            yield OrderedDict((n, grads[n].detach()) for n in names)
+
+
+def _check_loss_output(loss_fn, outputs, targets, owner):
+    try:
+        losses = loss_fn(outputs, targets)
+    except Exception as exc:  # pragma: no cover - message depends on torch
+        raise ValueError(
+            f"The 'loss' of {V._owner(owner)} failed on model outputs of shape "
+            f"{tuple(outputs.shape)} and targets of shape {tuple(targets.shape)}: {exc}"
+        ) from exc
+    if not isinstance(losses, torch.Tensor) or losses.shape != (outputs.shape[0],):
+        shape = tuple(losses.shape) if isinstance(losses, torch.Tensor) else type(losses)
+        raise ValueError(
+            f"The 'loss' of {V._owner(owner)} must return per-example losses of shape "
+            f"(batch,) = ({outputs.shape[0]},). Got {shape} instead (a reduced loss?)."
+        )
+
+
+def param_shapes(selected: OrderedDict) -> OrderedDict:
+    return OrderedDict((n, tuple(p.shape)) for n, p in selected.items())
+
+
+def per_example_gradients(
+    model: torch.nn.Module,
+    data,
+    loss="cross_entropy",
+    params=None,
+    config: ComputeConfig | None = None,
+    flatten: bool = True,
+):
+    """Per-example gradients of the loss with respect to the model's parameters.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The model; evaluated in eval mode (mode restored afterwards).
+    data : DataLoader, Dataset, tuple (inputs, targets) or iterable of batches
+        The examples, streamed in ``config.batch_size`` batches when given as
+        a tuple or Dataset.
+    loss : "cross_entropy", "mse" or callable, default="cross_entropy"
+        Per-example loss; a callable takes ``(outputs, targets)`` and returns
+        losses of shape ``(batch,)``.
+    params : list of str, optional
+        Names of the parameters to differentiate (default: all trainable).
+    config : ComputeConfig, optional
+        ``dtype`` and ``device`` of the result; ``batch_size``; ``progress``.
+    flatten : bool, default=True
+        Return one ``(n, p)`` tensor (parameters flattened and concatenated
+        in model order) instead of a dict ``name -> (n, *shape)``.
+
+    Returns
+    -------
+    torch.Tensor or dict
+        ``(n, p)`` tensor, or a dict of ``(n, *shape)`` tensors.
+
+    Examples
+    --------
+    >>> import torch, attribkit as ak
+    >>> model = torch.nn.Linear(3, 2)
+    >>> X, y = torch.randn(5, 3), torch.tensor([0, 1, 1, 0, 1])
+    >>> ak.per_example_gradients(model, (X, y)).shape
+    torch.Size([5, 8])
+    """
+    config = V.check_config("per_example_gradients", config)
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(
+            "The 'model' argument of per_example_gradients must be a torch.nn.Module. "
+            f"Got {type(model).__name__} instead."
+        )
+    device, dtype = config.torch_device, config.torch_dtype
+    chunks: dict[str, list] = {}
+    for grads in iter_gradients(model, data, loss=loss, params=params, config=config):
+        for n, g in grads.items():
+            chunks.setdefault(n, []).append(g.to(device=device, dtype=dtype))
+    out = OrderedDict((n, torch.cat(c)) for n, c in chunks.items())
+    if flatten:
+        return torch.cat([g.reshape(g.shape[0], -1) for g in out.values()], dim=1)
+    return out

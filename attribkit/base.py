@@ -1,0 +1,231 @@
+"""The estimator contract shared by every attribkit estimator.
+
+``BaseEstimator.fit`` and ``transform`` are template methods (as curvlinops'
+``_torch_base``): they validate, dispatch between model mode and array mode,
+convert containers, devices and dtypes, keep ``fit`` atomic and give results
+back in the container the user passed. Subclasses implement only
+
+* ``_check_params(self)`` - validate hyper-parameters (raise ``ValueError``);
+* ``_fit_model(self, model, data, config)`` - fit from a ``torch.nn.Module``
+  and data; must call ``self._set_layout(shapes)``;
+* ``_fit_array(self, G, config)`` - fit from a flat ``(n, p)`` tensor (the
+  layout is already set);
+* ``_transform(self, V)`` - flat ``(m, p)`` in, flat result out.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import sklearn.base
+import torch
+from sklearn.utils.validation import check_is_fitted
+
+from . import _validation as V
+from ._vectors import fit_layout, flatten_input, layout_size, unflatten_output
+from .config import ComputeConfig, check_device_available
+
+__all__ = ["BaseEstimator"]
+
+
+def _map_tensors(value, fn):
+    """Apply ``fn`` to every tensor in nested dicts / lists / tuples."""
+    if isinstance(value, torch.Tensor):
+        return fn(value)
+    if isinstance(value, dict):
+        return type(value)((k, _map_tensors(v, fn)) for k, v in value.items())
+    if isinstance(value, list):
+        return [_map_tensors(v, fn) for v in value]
+    if isinstance(value, tuple) and not hasattr(value, "_fields"):
+        return tuple(_map_tensors(v, fn) for v in value)
+    return value
+
+
+class BaseEstimator(sklearn.base.TransformerMixin, sklearn.base.BaseEstimator):
+    """Base class of attribkit estimators (a scikit-learn transformer).
+
+    ``fit(model, data=None)`` works in two modes:
+
+    * **model mode** - ``model`` is a ``torch.nn.Module`` and ``data`` the
+      examples (DataLoader, Dataset, ``(inputs, targets)`` tuple or iterable
+      of batches);
+    * **array mode** - ``model`` is an ``(n_samples, n_features)`` array-like
+      or a dict ``name -> (n_samples, *shape)`` of per-example gradients;
+      ``data`` is ignored (it is scikit-learn's ``y``), so the estimator works
+      inside a ``sklearn.pipeline.Pipeline``.
+
+    A failed ``fit`` leaves a previously fitted estimator unchanged. Fitted
+    estimators pickle with their state on the CPU and no model or data; on
+    load the state goes back to ``config.device`` when that is available.
+
+    Attributes
+    ----------
+    n_features_in_ : int
+        Length of the flat vectors the estimator accepts.
+    param_shapes_ : OrderedDict
+        ``name -> shape`` of the parameters (or the single array block) whose
+        flattened concatenation, in this order, is a flat vector.
+    """
+
+    #: True, or the reason why fitting from an array/model is impossible.
+    _array_mode = True
+    _model_mode = True
+    #: transform returns vectors in the input's layout (IFVPs) or not (projectors).
+    _same_layout = True
+    #: attributes that are caches: dropped when pickling and when moving devices.
+    _transient = ()
+
+    # ------------------------------------------------------------------ fit
+    def fit(self, model, data=None):
+        """Fit from a model and data (model mode) or from gradients (array mode).
+
+        Parameters
+        ----------
+        model : torch.nn.Module, array-like of shape (n_samples, n_features) or dict
+            The model, or per-example gradients.
+        data : DataLoader, Dataset, tuple or iterable, optional
+            The examples in model mode; ignored in array mode.
+
+        Returns
+        -------
+        self
+        """
+        config = V.check_config(self, self.config)
+        self._check_params()
+        fitted = self._blank()
+        fitted._config = config
+        fitted._device = config.torch_device
+        if isinstance(model, torch.nn.Module):
+            if self._model_mode is not True:
+                raise TypeError(
+                    f"{type(self).__name__} cannot fit from a model: {self._model_mode}"
+                )
+            fitted._fit_model(model, data, config)
+            if not hasattr(fitted, "param_shapes_"):  # pragma: no cover - subclass bug
+                raise RuntimeError(f"{type(self).__name__}._fit_model did not set the layout.")
+        else:
+            if self._array_mode is not True:
+                raise TypeError(
+                    f"{type(self).__name__} cannot fit from an array of gradients: "
+                    f"{self._array_mode} Got {type(model).__name__}; pass a torch.nn.Module "
+                    "and data."
+                )
+            shapes, G = fit_layout(model, name="X")
+            fitted._set_layout(shapes)
+            fitted._fit_array(G.to(fitted._device), config)
+        self._adopt(fitted)
+        return self
+
+    def _blank(self):
+        """A new instance with this one's parameters and no fitted state."""
+        new = object.__new__(type(self))
+        for name in self._get_param_names():
+            setattr(new, name, getattr(self, name))
+        return new
+
+    def _adopt(self, fitted) -> None:
+        params = set(self._get_param_names())
+        for key in [k for k in self.__dict__ if k not in params]:
+            del self.__dict__[key]
+        for key, value in fitted.__dict__.items():
+            if key not in params:
+                self.__dict__[key] = value
+
+    def _set_layout(self, shapes) -> None:
+        self.param_shapes_ = OrderedDict((k, tuple(int(d) for d in s)) for k, s in shapes.items())
+        self.n_features_in_ = layout_size(self.param_shapes_)
+
+    # ------------------------------------------------------------ hooks
+    def _check_params(self) -> None:
+        """Validate hyper-parameters; raise ``ValueError`` naming the bad one."""
+
+    def _fit_model(self, model, data, config: ComputeConfig) -> None:  # pragma: no cover
+        raise NotImplementedError
+
+    def _fit_array(self, G: torch.Tensor, config: ComputeConfig) -> None:  # pragma: no cover
+        raise NotImplementedError
+
+    def _transform(self, V: torch.Tensor) -> torch.Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    # ------------------------------------------------------------ transform
+    def transform(self, vectors):
+        """Apply the fitted transformation to a batch of vectors.
+
+        Parameters
+        ----------
+        vectors : ndarray, torch.Tensor of shape (m, n_features), or dict
+            Flat vectors, or a dict ``name -> (m, *shape)`` keyed like
+            ``param_shapes_``.
+
+        Returns
+        -------
+        ndarray, torch.Tensor or dict
+            In ``config.dtype``; numpy for numpy input, torch otherwise.
+        """
+        return self._apply(vectors, self._transform, same_layout=self._same_layout)
+
+    def _apply(self, vectors, fn, *, same_layout: bool):
+        """Validate and flatten ``vectors``, apply ``fn``, give the result back in kind."""
+        check_is_fitted(self)
+        inp = flatten_input(
+            vectors,
+            self.param_shapes_,
+            type(self).__name__,
+            device=self._device,
+            dtype=self._config.torch_dtype,
+            name="X",
+        )
+        out = fn(inp.flat).to(self._config.torch_dtype)
+        return unflatten_output(out, inp.kind, self.param_shapes_ if same_layout else None)
+
+    # ------------------------------------------------------------ devices & pickling
+    def to(self, device):
+        """Move the fitted state to ``device`` (``"cpu"``, ``"cuda[:N]"``); returns self."""
+        target = torch.device(device) if device != "auto" else ComputeConfig("auto").torch_device
+        check_device_available(target)
+        if hasattr(self, "_device"):
+            self._move(target)
+        return self
+
+    def _move(self, device: torch.device) -> None:
+        params = set(self._get_param_names())
+        for key in list(self.__dict__):
+            if key in params or key.startswith("__"):
+                continue
+            self.__dict__[key] = _map_tensors(self.__dict__[key], lambda t: t.to(device))
+        for key in self._transient:
+            self.__dict__.pop(key, None)
+        self._device = device
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state = dict(state)
+        for key in self._transient:
+            state.pop(key, None)
+        if "_device" in state:
+            state = {k: _map_tensors(v, lambda t: t.detach().cpu()) for k, v in state.items()}
+            state["_device"] = torch.device("cpu")
+        return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        config = self.__dict__.get("_config")
+        if config is None:
+            return
+        target = torch.device("cpu")
+        try:
+            target = check_device_available(config.torch_device)
+        except ValueError:
+            pass  # no such device here: the state stays on the CPU
+        if target.type != "cpu":
+            self._move(target)
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        try:
+            dtype = V.check_config(self, self.config).dtype
+        except ValueError:
+            dtype = "float32"
+        tags.transformer_tags.preserves_dtype = [dtype] if dtype in ("float32", "float64") else []
+        return tags
