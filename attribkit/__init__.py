@@ -1,8 +1,11 @@
 """attribkit: training-data attribution building blocks as scikit-learn estimators."""
 
 from ._gradients import per_example_gradients
+from ._scores import influence
 from .base import BaseEstimator
 from .config import ComputeConfig
+from .ifvp import DataInfIFVP, ExplicitIFVP
+from .projection import RandomProjector
 
 __version__ = "0.1.0"
 
@@ -11,6 +14,10 @@ __all__ = [
     "ComputeConfig",
     # estimators
     "BaseEstimator",
+    "RandomProjector",
+    "ExplicitIFVP",
+    "DataInfIFVP",
     # helpers
     "per_example_gradients",
+    "influence",
 ]

@@ -69,20 +69,20 @@ def sample_targets(outputs: torch.Tensor, loss) -> torch.Tensor:
     the Gauss-Newton matrix of the loss. Uses torch's global generator
     (``torch.manual_seed`` makes it reproducible).
     """
+    if loss not in ("cross_entropy", "mse"):
+        raise ValueError(
+            "The 'fisher' parameter 'true' needs targets sampled from the model, which is "
+            "supported for loss='cross_entropy' and loss='mse' only. Got a custom loss "
+            f"{loss!r}; use fisher='empirical'."
+        )
     outputs = outputs.detach()
     if loss == "cross_entropy":
         probs = torch.softmax(outputs.movedim(1, -1).double(), dim=-1)
         flat = probs.reshape(-1, probs.shape[-1])
         draws = torch.multinomial(flat, 1).reshape(probs.shape[:-1])
         return draws
-    if loss == "mse":
-        dim = math.prod(outputs.shape[1:])
-        return outputs + math.sqrt(dim / 2.0) * torch.randn_like(outputs)
-    raise ValueError(
-        "The 'fisher' parameter 'true' needs targets sampled from the model, which is "
-        "supported for loss='cross_entropy' and loss='mse' only. Got a custom loss "
-        f"{loss!r}; use fisher='empirical'."
-    )
+    dim = math.prod(outputs.shape[1:])
+    return outputs + math.sqrt(dim / 2.0) * torch.randn_like(outputs)
 
 
 # --------------------------------------------------------------------------- params

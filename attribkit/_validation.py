@@ -43,12 +43,12 @@ def check_float(
     expected = f"a float{bound}"
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise param_error(estimator, name, expected, value)
-    value = float(value)
-    if value != value or value in (float("inf"), float("-inf")):
+    number = float(value)
+    if number != number or number in (float("inf"), float("-inf")):
         raise param_error(estimator, name, expected, value)
-    if minimum is not None and (value <= minimum if strict else value < minimum):
+    if minimum is not None and (number <= minimum if strict else number < minimum):
         raise param_error(estimator, name, expected, value)
-    return value
+    return number
 
 
 def check_option(estimator, name: str, value, options) -> str:

@@ -14,6 +14,7 @@ from collections import OrderedDict
 from collections.abc import Mapping
 
 import numpy as np
+import scipy.sparse
 import torch
 from sklearn.utils.validation import check_array
 
@@ -61,12 +62,21 @@ def _numpy_to_tensor(value, name: str) -> torch.Tensor:
     return torch.from_numpy(np.array(array, copy=True))
 
 
+def _refuse_sparse(X, name: str) -> None:
+    if scipy.sparse.issparse(X):
+        raise TypeError(
+            f"Sparse data was passed for input {name}, but dense data is required: "
+            "use X.toarray() to convert to a dense array."
+        )
+
+
 def fit_layout(X, name: str = "X") -> tuple[OrderedDict, torch.Tensor]:
     """Layout and flat tensor of an array-mode ``fit`` input.
 
     ``X`` is a 2-D array-like (numpy, torch, anything ``check_array`` takes) or
     a dict ``name -> (n_samples, *shape)`` of per-example gradients.
     """
+    _refuse_sparse(X, name)
     if isinstance(X, Mapping):
         if not X:
             raise ValueError(f"Input {name} is an empty dict; expected name -> (n, *shape).")
@@ -142,6 +152,7 @@ def flatten_input(
     Returns the flat ``(m, n_features)`` tensor on ``device`` in ``dtype``.
     """
     n_features = layout_size(shapes)
+    _refuse_sparse(vectors, name)
     if isinstance(vectors, Mapping):
         missing = [k for k in shapes if k not in vectors]
         extra = [k for k in vectors if k not in shapes]

@@ -113,23 +113,28 @@ class BaseEstimator(sklearn.base.TransformerMixin, sklearn.base.BaseEstimator):
             shapes, G = fit_layout(model, name="X")
             fitted._set_layout(shapes)
             fitted._fit_array(G.to(fitted._device), config)
+        fitted._init_transient()
         self._adopt(fitted)
         return self
 
     def _blank(self):
-        """A new instance with this one's parameters and no fitted state."""
+        """A new instance with this one's attributes less any fitted state.
+
+        Attributes that others set on the estimator (scikit-learn's callback
+        context, say) are kept; the ones a previous fit made are not.
+        """
         new = object.__new__(type(self))
-        for name in self._get_param_names():
-            setattr(new, name, getattr(self, name))
+        previous = self.__dict__.get("_fit_keys", frozenset())
+        new.__dict__.update({k: v for k, v in self.__dict__.items() if k not in previous})
+        new.__dict__["_fit_keys"] = frozenset(new.__dict__)  # what existed before fitting
         return new
 
     def _adopt(self, fitted) -> None:
-        params = set(self._get_param_names())
-        for key in [k for k in self.__dict__ if k not in params]:
-            del self.__dict__[key]
-        for key, value in fitted.__dict__.items():
-            if key not in params:
-                self.__dict__[key] = value
+        """Take over the state of a successful fit (all at once: fit is atomic)."""
+        before = fitted.__dict__["_fit_keys"]
+        fitted.__dict__["_fit_keys"] = frozenset(set(fitted.__dict__) - before) | {"_fit_keys"}
+        self.__dict__.clear()
+        self.__dict__.update(fitted.__dict__)
 
     def _set_layout(self, shapes) -> None:
         self.param_shapes_ = OrderedDict((k, tuple(int(d) for d in s)) for k, s in shapes.items())
@@ -138,6 +143,9 @@ class BaseEstimator(sklearn.base.TransformerMixin, sklearn.base.BaseEstimator):
     # ------------------------------------------------------------ hooks
     def _check_params(self) -> None:
         """Validate hyper-parameters; raise ``ValueError`` naming the bad one."""
+
+    def _init_transient(self) -> None:
+        """(Re)build the ``_transient`` caches' holders after fit, load and ``to``."""
 
     def _fit_model(self, model, data, config: ComputeConfig) -> None:  # pragma: no cover
         raise NotImplementedError
@@ -197,6 +205,7 @@ class BaseEstimator(sklearn.base.TransformerMixin, sklearn.base.BaseEstimator):
         for key in self._transient:
             self.__dict__.pop(key, None)
         self._device = device
+        self._init_transient()
 
     def __getstate__(self):
         state = super().__getstate__()
@@ -220,6 +229,8 @@ class BaseEstimator(sklearn.base.TransformerMixin, sklearn.base.BaseEstimator):
             pass  # no such device here: the state stays on the CPU
         if target.type != "cpu":
             self._move(target)
+        else:
+            self._init_transient()
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()

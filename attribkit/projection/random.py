@@ -1,0 +1,218 @@
+"""Johnson-Lindenstrauss random projection of gradient features."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+
+import torch
+
+from .. import _validation as V
+from .._gradients import param_shapes, select_params
+from ..base import BaseEstimator
+from ..config import ComputeConfig
+from ._generator import PROJ_TYPES, Projection
+
+__all__ = ["RandomProjector"]
+
+_BACKENDS = ("auto", "torch", "fast_jl")
+_FAST_JL_BATCHES = (8, 16, 32)
+
+
+def _fast_jl_installed() -> bool:
+    return importlib.util.find_spec("fast_jl") is not None
+
+
+class RandomProjector(BaseEstimator):
+    """Johnson-Lindenstrauss projection of (gradient) feature vectors.
+
+    Projects vectors of ``n_features`` entries to ``proj_dim`` entries with a
+    random matrix ``R`` of shape ``(n_features, proj_dim)``: ``transform(X) =
+    X @ R``. Squared norms and inner products are preserved in expectation
+    and, with high probability, within ``1 ± eps`` for ``proj_dim`` of order
+    ``log(m) / eps**2`` [1]_, which is what TRAK [2]_ relies on to compare
+    gradients of millions of parameters.
+
+    Entry ``R[i, j]`` is a pure function of ``(seed, proj_type, sparsity, i,
+    j)`` computed by a counter-based hash in plain torch integer ops, so the
+    matrix is bit for bit the same on CPU and CUDA, for any batch size, block
+    size or input container (a dict input equals its flattened input), and
+    the projection to ``proj_dim=k`` is the first ``k`` columns of any larger
+    one (dense types). The matrix is never stored in the fitted estimator
+    (its pickle is a few hundred bytes whatever the dimensions): it is
+    regenerated block by block on each ``transform``, or built once and
+    cached in memory when ``n_features * proj_dim`` entries fit
+    ``config.memory_budget``.
+
+    Parameters
+    ----------
+    proj_dim : int, default=512
+        Output dimension ``k``.
+    proj_type : {"rademacher", "normal", "sjlt"}, default="rademacher"
+        ``"rademacher"``: entries ``±1 / sqrt(k)``. ``"normal"``: entries
+        ``N(0, 1) / sqrt(k)``, drawn by inverse CDF from 16 random bits (a
+        65,536-level discretisation of the normal, rescaled to unit variance)
+        so that one 64-bit hash serves four entries. ``"sjlt"``: the sparse JL
+        transform [3]_: each input feature goes to ``sparsity`` distinct output
+        coordinates (one in each of ``sparsity`` contiguous blocks of the
+        output) with random signs, value ``±1 / sqrt(sparsity)``; a
+        projection costs ``O(n * n_features * sparsity)`` instead of a dense
+        matmul.
+    seed : int, default=0
+        Seed of the counter-based generator.
+    sparsity : int, default=1
+        Nonzeros per input feature for ``"sjlt"`` (``1 <= sparsity <=
+        proj_dim``); ignored by the dense types.
+    backend : {"auto", "torch", "fast_jl"}, default="auto"
+        ``"torch"``: the portable implementation above. ``"fast_jl"``: the
+        CUDA kernel of the ``fast_jl`` package (TRAK's), which needs a CUDA
+        device, ``proj_dim`` a multiple of 512, ``max_batch_size`` a multiple
+        of 8 and a dense ``proj_type``; its matrix is fast_jl's own (seeded by
+        ``seed``), *not* the torch backend's, and it is scaled by
+        ``1/sqrt(proj_dim)`` like the others. ``"auto"``: fast_jl when
+        ``config.device`` is CUDA, fast_jl is installed and its constraints
+        hold, else torch.
+    max_batch_size : int, default=32
+        Rows per fast_jl kernel call (8, 16 or 32 rows per call; a multiple
+        of 8). Unused by the torch backend.
+    config : ComputeConfig, optional
+        Device, dtype (``float16``/``bfloat16`` compute in that precision
+        with float32 accumulation where the device allows: on the CPU the
+        product is computed in float32 and rounded) and the memory budget
+        for the cached matrix / blocks.
+
+    Attributes
+    ----------
+    n_features_in_ : int
+        Number of input features ``p``.
+    param_shapes_ : OrderedDict
+        Layout of the input: the model's trainable parameters (model mode),
+        the dict's keys, or a single ``"features"`` entry for a plain array.
+    backend_ : str
+        The backend that runs ``transform`` (``"torch"`` or ``"fast_jl"``).
+
+    References
+    ----------
+    .. [1] W. B. Johnson and J. Lindenstrauss, "Extensions of Lipschitz
+       mappings into a Hilbert space", 1984; D. Achlioptas,
+       "Database-friendly random projections", PODS 2001.
+    .. [2] S. M. Park et al., "TRAK: Attributing Model Behavior at Scale",
+       ICML 2023.
+    .. [3] D. M. Kane and J. Nelson, "Sparser Johnson-Lindenstrauss
+       Transforms", J. ACM 2014.
+
+    Examples
+    --------
+    >>> import torch, attribkit as ak
+    >>> X = torch.randn(10, 1000)
+    >>> proj = ak.RandomProjector(proj_dim=256, seed=1).fit(X)
+    >>> proj.transform(X).shape
+    torch.Size([10, 256])
+    >>> model = torch.nn.Linear(20, 5)
+    >>> ak.RandomProjector(proj_dim=64).fit(model).n_features_in_
+    105
+    """
+
+    _same_layout = False
+    _transient = ("_engine",)
+
+    def __init__(
+        self,
+        proj_dim: int = 512,
+        proj_type: str = "rademacher",
+        seed: int = 0,
+        sparsity: int = 1,
+        backend: str = "auto",
+        max_batch_size: int = 32,
+        config: ComputeConfig | None = None,
+    ):
+        self.proj_dim = proj_dim
+        self.proj_type = proj_type
+        self.seed = seed
+        self.sparsity = sparsity
+        self.backend = backend
+        self.max_batch_size = max_batch_size
+        self.config = config
+
+    # ------------------------------------------------------------------ fit
+    def _check_params(self) -> None:
+        V.check_int(self, "proj_dim", self.proj_dim, minimum=1)
+        V.check_option(self, "proj_type", self.proj_type, PROJ_TYPES)
+        V.check_int(self, "seed", self.seed)
+        V.check_int(self, "sparsity", self.sparsity, minimum=1)
+        if self.proj_type == "sjlt" and self.sparsity > self.proj_dim:
+            raise V.param_error(
+                self, "sparsity", f"an int in [1, proj_dim={self.proj_dim}]", self.sparsity
+            )
+        V.check_option(self, "backend", self.backend, _BACKENDS)
+        V.check_int(self, "max_batch_size", self.max_batch_size, minimum=1)
+
+    def _fit_model(self, model, data, config) -> None:
+        # Only the layout of the trainable parameters matters; data is ignored.
+        self._set_layout(param_shapes(select_params(model, None, self)))
+        self._resolve_backend(config)
+
+    def _fit_array(self, G, config) -> None:
+        self._resolve_backend(config)
+
+    def _resolve_backend(self, config: ComputeConfig) -> None:
+        device = config.torch_device
+        problems = []
+        if device.type != "cuda":
+            problems.append(f"it needs a CUDA device (config.device is {config.device!r})")
+        if not _fast_jl_installed():
+            problems.append("the fast_jl package is not installed (pip install attribkit[cuda])")
+        if self.proj_type == "sjlt":
+            problems.append("it has no 'sjlt' projection")
+        if self.proj_dim % 512:
+            problems.append(f"proj_dim must be a multiple of 512 (got {self.proj_dim})")
+        if self.max_batch_size % 8:
+            problems.append(f"max_batch_size must be a multiple of 8 (got {self.max_batch_size})")
+        if self.backend == "fast_jl" and problems:
+            raise ValueError(
+                "The 'fast_jl' backend of RandomProjector cannot run: "
+                + "; ".join(problems)
+                + ". Use backend='torch' or 'auto'."
+            )
+        self.backend_ = "fast_jl" if self.backend != "torch" and not problems else "torch"
+
+    # ------------------------------------------------------------ transform
+    def _init_transient(self) -> None:
+        # The engine holds no matrix until the first transform (then maybe a cache).
+        self._engine = Projection(
+            int(self.seed),
+            self.proj_type,
+            int(self.sparsity),
+            self.n_features_in_,
+            int(self.proj_dim),
+            dtype=self._config.torch_dtype,
+            device=self._device,
+            memory_budget=self._config.memory_budget,
+        )
+
+    def _get_engine(self) -> Projection:
+        return self._engine
+
+    def _transform(self, X: torch.Tensor) -> torch.Tensor:
+        if self.backend_ == "fast_jl":
+            return self._fast_jl(X)
+        return self._get_engine().project(X)
+
+    def _fast_jl(self, X: torch.Tensor) -> torch.Tensor:
+        import fast_jl
+
+        device = X.device
+        num_sms = torch.cuda.get_device_properties(device).multi_processor_count
+        # fast_jl kernels come in 8-, 16- and 32-row variants; pad the last chunk.
+        rows = max(b for b in _FAST_JL_BATCHES if b <= max(8, min(self.max_batch_size, 32)))
+        work = X.to(torch.float16 if X.dtype in (torch.float16, torch.bfloat16) else torch.float32)
+        out = torch.empty(X.shape[0], self.proj_dim, device=device, dtype=torch.float32)
+        for start in range(0, X.shape[0], rows):
+            chunk = work[start : start + rows]
+            size = min(b for b in _FAST_JL_BATCHES if b >= min(chunk.shape[0], rows))
+            if chunk.shape[0] < size:
+                chunk = torch.cat([chunk, chunk.new_zeros(size - chunk.shape[0], chunk.shape[1])])
+            fn = getattr(fast_jl, f"project_{self.proj_type}_{size}")
+            res = fn(chunk.contiguous(), self.proj_dim, int(self.seed) % 2**32, num_sms)
+            out[start : start + rows] = res[: min(rows, X.shape[0] - start)].float()
+        return out / math.sqrt(self.proj_dim)
