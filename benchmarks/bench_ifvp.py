@@ -1,0 +1,47 @@
+"""Inverse-Fisher-vector products: ExplicitIFVP and DataInfIFVP against the seed's way.
+
+One table, measured side by side in one run (medians; ratios):
+
+* ExplicitIFVP, p=2000 n=5000 m=100 (dense form) and p=10,000 n=1000 m=100
+  (kernel form): fit and transform time against a per-call
+  ``torch.linalg.solve`` on the damped ``p x p`` matrix (what the seed's
+  reference does; see ``_ifvp_explicit.py``).
+* DataInfIFVP, one layer p=50,000 n=1000 m=100: transform against the seed's
+  per-example ``vmap`` formulation and the two-matmul limit (each method in a
+  fresh process for its own peak memory; see ``_ifvp_datainf.py``).
+
+Run: ``OMP_WAIT_POLICY=PASSIVE python benchmarks/bench_ifvp.py [--quick]`` (``make bench``).
+"""
+
+import sys
+
+import _ifvp_datainf
+import _ifvp_explicit
+from _util import print_table
+
+
+def main():
+    quick = "--quick" in sys.argv[1:]
+    table = _ifvp_explicit.rows(quick=quick)
+    for row in _ifvp_datainf.rows(quick=quick):
+        row["speedup"] = row.pop("ratio_vs_vmap")
+        row["vs_limit"] = row.pop("ratio_vs_matmul_limit")
+        table.append(row)
+    print_table(
+        "IFVP benchmarks, float32, 2 threads (speed-up: baseline time / this row's; "
+        "x limit: this row's time / the two-matmul limit)",
+        table,
+        [
+            ("case", "case", ""),
+            ("method", "method", ""),
+            ("fit_s", "fit s", "{:.3f}"),
+            ("transform_s", "transform s", "{:.4f}"),
+            ("speedup", "speed-up vs baseline", "{:.1f}x"),
+            ("vs_limit", "x limit", "{:.2f}"),
+            ("peak_mb", "peak MB", "{:.0f}"),
+        ],
+    )
+
+
+if __name__ == "__main__":
+    main()
