@@ -22,7 +22,7 @@ import torch
 from sklearn.utils.validation import check_is_fitted
 
 from . import _validation as V
-from ._vectors import fit_layout, flatten_input, layout_size, unflatten_output
+from ._vectors import all_finite, fit_layout, flatten_input, layout_size, unflatten_output
 from .config import ComputeConfig, check_device_available
 
 __all__ = ["BaseEstimator"]
@@ -176,16 +176,20 @@ class BaseEstimator(sklearn.base.TransformerMixin, sklearn.base.BaseEstimator):
     def _apply(self, vectors, fn, *, same_layout: bool):
         """Validate and flatten ``vectors``, apply ``fn``, give the result back in kind."""
         check_is_fitted(self)
-        inp = flatten_input(
-            vectors,
-            self.param_shapes_,
-            type(self).__name__,
-            device=self._device,
-            dtype=self._config.torch_dtype,
-            name="X",
-        )
-        out = fn(inp.flat).to(self._config.torch_dtype)
-        return unflatten_output(out, inp.kind, self.param_shapes_ if same_layout else None)
+        owner, dtype = type(self).__name__, self._config.torch_dtype
+        shapes, device = self.param_shapes_, self._device
+        inp = flatten_input(vectors, shapes, owner, device=device, dtype=dtype, check_finite=False)
+        out = fn(inp.flat).to(dtype)
+        # NaN and infinities in the input propagate to the result, so testing
+        # the result (often much smaller) replaces testing the input; only a
+        # failure looks at the input, to say which went wrong.
+        if not all_finite(out):
+            flatten_input(vectors, shapes, owner, device=device, dtype=torch.float64)
+            raise ValueError(
+                f"{owner} produced non-finite values from finite input X: the input or the "
+                f"result overflows config.dtype={self._config.dtype!r}. Use a wider dtype."
+            )
+        return unflatten_output(out, inp.kind, shapes if same_layout else None)
 
     # ------------------------------------------------------------ devices & pickling
     def to(self, device):
