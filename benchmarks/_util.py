@@ -36,13 +36,16 @@ def _reset_peak() -> None:
         pass
 
 
-def measure(fn, repeats: int = 3, setup=None):
+def measure(fn, repeats: int = 3, setup=None, times: list | None = None):
     """Median wall time of ``fn()`` over ``repeats`` runs and the peak extra RSS (MB).
 
-    ``setup()`` (untimed) runs before each repetition. Returns (median_s,
-    peak_mb, last_result).
+    ``setup()`` (untimed) runs before each repetition. ``times``, when given,
+    collects the samples (and the median is over all it holds: pass the same
+    list twice to pool samples taken before and after other work). Returns
+    (median_s, peak_mb, last_result).
     """
-    times, peak, result = [], 0.0, None
+    times = [] if times is None else times
+    peak, result = 0.0, None
     for _ in range(repeats):
         if setup is not None:
             setup()

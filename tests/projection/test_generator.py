@@ -216,9 +216,15 @@ def test_blocked_cached_explicit_agree_float64(proj_type):
         assert y.dtype == torch.float64 and y.shape == (n, k)
         torch.testing.assert_close(y, ref, rtol=1e-12, atol=1e-12)
     if proj_type != "sjlt":
-        assert cached._cache is not None and streamed._cache is None
+        assert cached._cache.shape == (p, k)
+        # over budget: only whole leading blocks are cached, the rest streams
+        assert streamed._cache.shape[0] % 37 == 0 and 0 < streamed._cache.shape[0] < p
+        assert streamed._cache.numel() * 8 <= p * k * 8 - 1 - 37 * k * 8
         # streamed generation is identical whatever the block size
         assert torch.equal(streamed.matrix(), cached.matrix())
+        no_room = make(proj_type, p, k, seed=5, budget=37 * k * 8, block_rows=37)
+        torch.testing.assert_close(no_room.project(X), ref, rtol=1e-12, atol=1e-12)
+        assert no_room._cache is None  # no whole block fits beside the buffer
 
 
 @pytest.mark.parametrize("proj_type", DENSE)
