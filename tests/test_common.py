@@ -74,7 +74,8 @@ EXPECTED_FAILED = {
 
 
 @parametrize_with_checks(
-    [make(n) for n in NAMES], expected_failed_checks=lambda est: EXPECTED_FAILED
+    [*(make(n) for n in NAMES), ak.RandomProjector()],  # and the defaults, proj_dim=512
+    expected_failed_checks=lambda est: EXPECTED_FAILED,
 )
 def test_sklearn_estimator_checks(estimator, check):
     check(estimator)
