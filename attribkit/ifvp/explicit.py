@@ -231,11 +231,7 @@ class ExplicitIFVP(BaseEstimator):
 
     # ------------------------------------------------------------------ params
     def _check_params(self) -> None:
-        try:
-            V.check_float(self, "damping", self.damping, minimum=0.0)
-        except ValueError:
-            # Name the value as given (-1, not -1.0).
-            raise V.param_error(self, "damping", "a float >= 0", self.damping) from None
+        V.check_float(self, "damping", self.damping, minimum=0.0)
         V.check_option(self, "solver", self.solver, _SOLVERS)
         V.check_fisher(self, self.fisher)
         V.check_loss(self, self.loss)
