@@ -85,6 +85,61 @@ def sample_targets(outputs: torch.Tensor, loss) -> torch.Tensor:
     return outputs + math.sqrt(dim / 2.0) * torch.randn_like(outputs)
 
 
+def expected_targets(outputs: torch.Tensor, loss) -> tuple[torch.Tensor, torch.Tensor]:
+    """Targets and weights that enumerate the model's predictive distribution.
+
+    The exact expected Fisher (``fisher="expected"``) of a built-in loss is
+    ``sum_k w_k g_k g_k^T`` per example, where ``g_k`` is the gradient of the
+    loss at target ``targets[k]``; it equals the Gauss-Newton matrix
+    ``J^T H_f J`` (``H_f`` the Hessian of the loss in the outputs).
+
+    * Cross-entropy, outputs ``(N, C)``: ``K = C`` targets, ``targets[c]`` is
+      class ``c`` for every example and ``weights[c] = softmax(outputs)[:, c]``
+      (``sum_c p_c (p - e_c)(p - e_c)^T = diag(p) - p p^T``).
+    * MSE, outputs ``(N, *shape)`` with ``D`` entries per example: ``K = D``
+      targets ``outputs - sqrt(D / 2) e_k`` with weight 1, since the gradient
+      in the outputs is ``(2 / D)(f - y)`` and ``sum_k (2/D)^2 (D/2) e_k e_k^T
+      = (2 / D) I`` is the Hessian of the per-example MSE.
+
+    Returns
+    -------
+    targets : torch.Tensor of shape (K, N, ...)
+        Detached; class indices (int64) for cross-entropy, outputs' dtype for MSE.
+    weights : torch.Tensor of shape (K, N)
+        In the outputs' dtype; each example's weights sum to 1 (cross-entropy)
+        or are all 1 (MSE).
+
+    Raises ``ValueError`` for a custom loss and for cross-entropy outputs with
+    extra dimensions (sequences), whose exact expectation needs one gradient
+    per token and class.
+    """
+    if loss not in ("cross_entropy", "mse"):
+        raise ValueError(
+            "The 'fisher' parameter 'expected' takes the exact expectation over the model's "
+            "predictive distribution, which is supported for loss='cross_entropy' and "
+            f"loss='mse' only. Got a custom loss {loss!r}; use fisher='empirical'."
+        )
+    outputs = outputs.detach()
+    n = outputs.shape[0]
+    if loss == "cross_entropy":
+        if outputs.ndim != 2:
+            raise ValueError(
+                "The 'fisher' parameter 'expected' with loss='cross_entropy' needs model "
+                f"outputs of shape (batch, classes). Got {tuple(outputs.shape)}: for sequence "
+                "outputs the exact expectation needs one gradient per token and class; use "
+                "fisher='true' (sampled targets) or 'empirical'."
+            )
+        classes = outputs.shape[1]
+        weights = torch.softmax(outputs.double(), dim=1).T.to(outputs.dtype)
+        targets = torch.arange(classes, device=outputs.device).unsqueeze(1).expand(classes, n)
+        return targets.contiguous(), weights.contiguous()
+    dim = math.prod(outputs.shape[1:])
+    eye = torch.eye(dim, dtype=outputs.dtype, device=outputs.device).reshape(dim, 1, *outputs.shape[1:])
+    targets = outputs.unsqueeze(0) - math.sqrt(dim / 2.0) * eye
+    weights = torch.ones(dim, n, dtype=outputs.dtype, device=outputs.device)
+    return targets, weights
+
+
 # --------------------------------------------------------------------------- params
 def select_params(model: torch.nn.Module, params, owner) -> OrderedDict:
     """Ordered ``name -> parameter`` of the parameters to differentiate."""

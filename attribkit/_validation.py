@@ -78,8 +78,9 @@ def check_loss(estimator, loss):
     )
 
 
-def check_fisher(estimator, fisher) -> str:
-    return check_option(estimator, "fisher", fisher, ("empirical", "true"))
+def check_fisher(estimator, fisher, options=("empirical", "true", "expected")) -> str:
+    """``fisher`` among ``options`` (estimators without ``"expected"`` pass fewer)."""
+    return check_option(estimator, "fisher", fisher, options)
 
 
 def check_params(estimator, params):
