@@ -78,6 +78,13 @@ class ComputeConfig:
         Bytes of working memory an estimator may use for caches and chunks
         beyond its inputs, outputs and fitted state (e.g. a cached projection
         matrix).
+    distributed : bool or "auto", default="auto"
+        ``"auto"``: when ``torch.distributed`` is initialised with more than
+        one rank, ``fit`` reduces its statistics over the default process
+        group, each rank passing its own shard of the data; ``False``: never;
+        ``True``: require an initialised process group (``fit`` raises
+        ``RuntimeError`` otherwise). Only this setting is stored: the process
+        group is looked up at fit time and never pickled.
 
     Examples
     --------
@@ -92,6 +99,7 @@ class ComputeConfig:
     batch_size: int = 64
     progress: bool | str = "auto"
     memory_budget: int = 2 * 2**30
+    distributed: bool | str = "auto"
 
     def __post_init__(self):
         device = self.device
@@ -128,6 +136,12 @@ class ComputeConfig:
             raise ValueError(
                 "The 'memory_budget' field of ComputeConfig must be an int >= 1 (bytes). "
                 f"Got {self.memory_budget!r} instead."
+            )
+
+        if not (self.distributed is True or self.distributed is False or self.distributed == "auto"):
+            raise ValueError(
+                "The 'distributed' field of ComputeConfig must be True, False or 'auto'. "
+                f"Got {self.distributed!r} instead."
             )
 
     @property
