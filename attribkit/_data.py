@@ -32,14 +32,20 @@ def _as_tensor(x):
     return x
 
 
-def to_device(x, device: torch.device):
-    """Move a tensor, or the tensors of a tuple/dict, to ``device``."""
+def to_device(x, device: torch.device | None, dtype: torch.dtype | None = None):
+    """Move a tensor, or the tensors of a tuple/dict, to ``device``.
+
+    With ``dtype``, floating-point tensors are also cast to it (integer and
+    boolean tensors, such as labels, token ids or masks, keep their dtype).
+    """
     if isinstance(x, torch.Tensor):
-        return x.to(device)
+        if dtype is not None and x.is_floating_point() and x.dtype != dtype:
+            return x.to(device=device, dtype=dtype)
+        return x if device is None else x.to(device)
     if isinstance(x, Mapping):
-        return {k: to_device(v, device) for k, v in x.items()}
+        return {k: to_device(v, device, dtype) for k, v in x.items()}
     if isinstance(x, (tuple, list)):
-        return tuple(to_device(v, device) for v in x)
+        return tuple(to_device(v, device, dtype) for v in x)
     return x
 
 
@@ -52,12 +58,21 @@ def batch_len(inputs) -> int:
     return batch_len(inputs[0])
 
 
+def _is_number_list(x) -> bool:
+    """A non-empty list of plain numbers (targets given as a Python list)."""
+    return (
+        isinstance(x, list)
+        and len(x) > 0
+        and all(isinstance(v, (int, float, np.number)) and not isinstance(v, bool) for v in x)
+    )
+
+
 def _is_pair_of_arrays(data) -> bool:
     return (
         isinstance(data, (tuple, list))
         and len(data) == 2
         and (_is_array(data[0]) or isinstance(data[0], (tuple, Mapping)))
-        and _is_array(data[1])
+        and (_is_array(data[1]) or _is_number_list(data[1]))
     )
 
 
@@ -70,8 +85,27 @@ def _slice(x, start, stop):
 
 
 def _pair(batch, index: int):
+    if isinstance(batch, Mapping):
+        raise ValueError(
+            "Each batch of 'data' must be a pair (inputs, targets). Got a dict with keys "
+            f"{list(batch)} at batch {index}: which keys are the targets cannot be guessed. "
+            "Make each dataset item a pair (inputs, target), or give the DataLoader a "
+            "collate_fn that returns a pair, e.g. lambda rows: ({'input_ids': ...}, labels); "
+            "the inputs may themselves be a dict of the model's keyword arguments."
+        )
     if isinstance(batch, (tuple, list)) and len(batch) == 2:
-        return _as_tensor(batch[0]), _as_tensor(batch[1])
+        inputs, targets = _as_tensor(batch[0]), batch[1]
+        if _is_number_list(targets):
+            targets = torch.as_tensor(targets)
+        targets = _as_tensor(targets)
+        if not isinstance(targets, torch.Tensor) or targets.ndim == 0:
+            raise ValueError(
+                "Each batch of 'data' must be a pair (inputs, targets) with a batch of "
+                f"targets. Got a single target {targets!r} at batch {index}: an iterable of "
+                "single examples wants a DataLoader, torch.utils.data.DataLoader(examples, "
+                "batch_size=...), or a tuple (X, y) of stacked arrays."
+            )
+        return inputs, targets
     raise ValueError(
         "Each batch of 'data' must be a pair (inputs, targets). "
         f"Got {type(batch).__name__} at batch {index} instead."
@@ -79,9 +113,20 @@ def _pair(batch, index: int):
 
 
 def iter_batches(
-    data, config: ComputeConfig, device: torch.device | None = None, desc: str | None = None
+    data,
+    config: ComputeConfig,
+    device: torch.device | None = None,
+    desc: str | None = None,
+    dtype: torch.dtype | None = None,
 ) -> Iterator[tuple[object, torch.Tensor]]:
     """Yield ``(inputs, targets)`` batches from any supported ``data``.
+
+    Targets may be a tensor, an array or a list of numbers. With ``device``
+    the batches are moved there; with ``dtype`` (the model's parameter dtype)
+    floating-point inputs and targets are cast to it, so float64 numpy data
+    feeds a float32 model. A batch must be a pair; a dict batch (a
+    ``DataLoader`` over a dataset of dicts) raises ``ValueError`` saying how
+    to adapt it, since which keys are the targets cannot be guessed.
 
     Raises ``ValueError`` when ``data`` is ``None``, of an unsupported kind, or
     yields no example at all.
@@ -93,7 +138,10 @@ def iter_batches(
         )
     total = None
     if _is_pair_of_arrays(data):
-        all_inputs, all_targets = _as_tensor(data[0]), _as_tensor(data[1])
+        all_inputs, all_targets = _as_tensor(data[0]), data[1]
+        if _is_number_list(all_targets):
+            all_targets = torch.as_tensor(all_targets)
+        all_targets = _as_tensor(all_targets)
         n = batch_len(all_inputs)
         if all_targets.shape[0] != n:
             raise ValueError(
@@ -128,8 +176,8 @@ def iter_batches(
         if batch_len(inputs) == 0:
             continue
         seen += batch_len(inputs)
-        if device is not None:
-            inputs, targets = to_device(inputs, device), to_device(targets, device)
+        if device is not None or dtype is not None:
+            inputs, targets = to_device(inputs, device, dtype), to_device(targets, device, dtype)
         yield inputs, targets
     if seen == 0:
         raise ValueError(

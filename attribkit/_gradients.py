@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch.func import functional_call, grad, vmap
 
 from . import _validation as V
-from ._data import iter_batches
+from ._data import batch_len, iter_batches
 from .config import ComputeConfig
 
 __all__ = ["per_example_gradients"]
@@ -195,6 +195,14 @@ class _EvalMode:
         self.model.train(self.was_training)
 
 
+def model_dtype(model: torch.nn.Module) -> torch.dtype | None:
+    """The dtype of the model's first floating-point parameter (or buffer), if any."""
+    for t in (*model.parameters(), *model.buffers()):
+        if t.is_floating_point():
+            return t.dtype
+    return None
+
+
 def iter_gradients(
     model: torch.nn.Module,
     data,
@@ -210,7 +218,15 @@ def iter_gradients(
 
     Gradients are detached, on the model's device and in its dtype. The model
     is evaluated in eval mode (dropout off, batch-norm running statistics) and
-    its mode is restored afterwards.
+    its mode is restored afterwards. Floating-point inputs and targets are cast
+    to the dtype of the model's parameters (integer ones, such as class labels
+    or token ids, are left alone).
+
+    Every batch is checked for non-finite gradients (one sum per batch; the
+    per-element diagnosis runs only when that sum is not finite): a NaN or Inf
+    gradient raises ``ValueError`` naming the batch, the example and its likely
+    cause. A model call that fails on the first batch is re-raised as a
+    ``ValueError`` giving the batch's shapes.
     """
     loss_fn = resolve_loss(loss, owner)
     V.check_fisher(owner, fisher)
@@ -222,6 +238,7 @@ def iter_gradients(
     frozen = {n: p.detach() for n, p in model.named_parameters() if n not in sel}
     frozen.update(dict(model.named_buffers()))
     device = model_device(model)
+    dtype = model_dtype(model)
 
     def one_loss(sel_params, x, t):
         x1 = torch.utils._pytree.tree_map(lambda a: a.unsqueeze(0), x)
@@ -231,18 +248,130 @@ def iter_gradients(
 
     per_example = vmap(grad(one_loss), in_dims=(None, 0, 0))
     checked = False
+    batch, offset = 0, 0
+    batches = iter_batches(data, config, device=device, dtype=dtype, desc=desc)
     with _EvalMode(model):
-        for inputs, targets in iter_batches(data, config, device=device, desc=desc):
+        for inputs, targets in batches:
             if fisher == "true" or not checked:
                 with torch.no_grad():
-                    outputs = _call(model, {**frozen, **sel}, inputs)
+                    if checked:
+                        outputs = _call(model, {**frozen, **sel}, inputs)
+                    else:
+                        outputs = _first_call(model, {**frozen, **sel}, inputs, targets, owner)
                 if not checked:
                     _check_loss_output(loss_fn, outputs, targets, owner)
                     checked = True
                 if fisher == "true":
                     targets = sample_targets(outputs, loss)
             grads = per_example(sel, inputs, targets)
-            yield OrderedDict((n, grads[n].detach()) for n in names)
+            out = OrderedDict((n, grads[n].detach()) for n in names)
+            _check_finite_gradients(
+                out, inputs, targets, batch, offset, owner,
+                lambda x, t: loss_fn(_call(model, {**frozen, **sel}, x), t),
+            )
+            yield out
+            batch += 1
+            offset += batch_len(inputs)
+
+
+def _shapes(x):
+    """Shapes of a batch's tensors, for error messages."""
+    if isinstance(x, torch.Tensor):
+        return tuple(x.shape)
+    if isinstance(x, dict):
+        return {k: _shapes(v) for k, v in x.items()}
+    if isinstance(x, (tuple, list)):
+        return tuple(_shapes(v) for v in x)
+    return type(x).__name__
+
+
+def _first_call(model, state, inputs, targets, owner):
+    """The model's outputs on the first batch; a failure is re-raised with its shapes."""
+    try:
+        return _call(model, state, inputs)
+    except Exception as exc:
+        raise ValueError(
+            f"The model given to {V._owner(owner)} failed on the first batch of 'data' "
+            f"(inputs of shape {_shapes(inputs)}, targets of shape {_shapes(targets)}) with "
+            f"{type(exc).__name__}: {exc}\nEach batch must be a pair (inputs, targets) whose "
+            "first dimension is the batch, and inputs are passed to the model as "
+            "model(inputs) (a tuple as positional, a dict as keyword arguments). A list of "
+            "single examples wants a DataLoader: "
+            "torch.utils.data.DataLoader(list_of_pairs, batch_size=...), or a tuple "
+            "(X, y) of stacked arrays."
+        ) from exc
+
+
+def _example(x, j):
+    if isinstance(x, torch.Tensor):
+        return x[j : j + 1]
+    if isinstance(x, dict):
+        return {k: _example(v, j) for k, v in x.items()}
+    if isinstance(x, (tuple, list)):
+        return tuple(_example(v, j) for v in x)
+    return x
+
+
+def _all_finite(x) -> bool:
+    if isinstance(x, torch.Tensor):
+        return not x.is_floating_point() or bool(torch.isfinite(x).all())
+    if isinstance(x, dict):
+        return all(_all_finite(v) for v in x.values())
+    if isinstance(x, (tuple, list)):
+        return all(_all_finite(v) for v in x)
+    return True
+
+
+def _check_finite_gradients(grads, inputs, targets, batch, offset, owner, loss_of):
+    """Raise ``ValueError`` naming the first example with a NaN/Inf gradient.
+
+    One scalar sum per batch is the cheap test (NaN and Inf propagate through
+    it); only when it is not finite are the gradients checked entry by entry,
+    so a sum that merely overflows raises nothing.
+    """
+    total = torch.stack([g.sum() for g in grads.values()]).sum()
+    if bool(torch.isfinite(total)):
+        return
+    bad = None
+    for g in grads.values():
+        rows = ~torch.isfinite(g.reshape(g.shape[0], -1)).all(1)
+        bad = rows if bad is None else bad | rows
+    if not bool(bad.any()):
+        return
+    j = int(bad.nonzero()[0, 0])
+    where = [n for n, g in grads.items() if not bool(torch.isfinite(g[j]).all())]
+    x_j, t_j = _example(inputs, j), _example(targets, j)
+    if not _all_finite(x_j):
+        cause = (
+            "The inputs of that example contain NaN or infinity: check the data (missing "
+            "values, a division by zero in preprocessing)."
+        )
+    elif not _all_finite(t_j):
+        cause = "The targets of that example contain NaN or infinity: check the targets."
+    else:
+        try:
+            with torch.no_grad():
+                value = loss_of(x_j, t_j)
+            value = float(value.reshape(-1)[0])
+        except Exception:  # the diagnosis must not hide the real error
+            value = None
+        if value is not None and not math.isfinite(value):
+            cause = (
+                f"Its inputs and targets are finite but its loss is {value}: check the model "
+                "(overflowing activations, a float16 model; try float64) and the loss (log of "
+                "0, division by 0, targets out of range)."
+            )
+        else:
+            cause = (
+                f"Its inputs, targets and loss ({value}) are finite: check the loss and the "
+                "model for operations whose derivative is infinite there (sqrt or norm at 0, "
+                "log near 0)."
+            )
+    raise ValueError(
+        f"{V._owner(owner)} got a per-example gradient containing NaN or infinity in batch "
+        f"{batch} at example {j} of that batch (example {offset + j} of the data), for "
+        f"parameters {where}. {cause}"
+    )
 
 
 def _check_loss_output(loss_fn, outputs, targets, owner):

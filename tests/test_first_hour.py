@@ -1,0 +1,100 @@
+"""A new user's first hour (issue 7): errors naming their cause, data in the forms users have."""
+
+import pytest
+import torch
+from cases import classification_data, mlp
+from reference import assert_close, loop_per_example_gradients
+from torch.utils.data import DataLoader
+
+import attribkit as ak
+
+F64 = ak.ComputeConfig(dtype="float64", batch_size=5)
+
+
+# ---------------------------------------------------------- 1. NaN gradients name themselves
+def test_nan_input_names_batch_and_example():
+    model, (X, y) = mlp(), classification_data()
+    X = X.clone()
+    X[7, 2] = float("nan")  # batch 1 (batch_size 5), example 2 of that batch
+    with pytest.raises(ValueError, match=r"batch 1 at example 2 .*example 7 of the data.*inputs"):
+        ak.per_example_gradients(model, (X, y), config=F64)
+    with pytest.raises(ValueError, match=r"ExplicitIFVP.*example 7 of the data"):
+        ak.ExplicitIFVP(damping=1e-3, config=F64).fit(model, (X, y))
+    with pytest.raises(ValueError, match=r"DataInfIFVP.*example 7 of the data"):
+        ak.DataInfIFVP(config=F64).fit(model, (X, y))
+
+
+def test_non_finite_loss_and_gradient_named():
+    model, (X, y) = mlp(), classification_data()
+
+    def log_loss(outputs, targets):  # log of 0 for the example whose first output is 0
+        return torch.log(outputs[:, 0] ** 2)
+
+    X = X.clone()
+    X[3] = 0.0
+    with torch.no_grad():
+        model[2].bias.zero_()
+        model[0].bias.zero_()
+    with pytest.raises(ValueError, match=r"example 3 of the data.*loss is -inf"):
+        ak.per_example_gradients(model, (X, y), loss=log_loss, config=F64)
+
+    def sqrt_loss(outputs, targets):  # finite at 0, infinite derivative
+        return outputs[:, 0].abs().sqrt()
+
+    with pytest.raises(ValueError, match=r"example 3 of the data.*derivative"):
+        ak.per_example_gradients(model, (X, y), loss=sqrt_loss, config=F64)
+
+
+def test_finite_gradients_whose_sum_overflows_pass():
+    model = torch.nn.Linear(2, 1, bias=False).float()
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    X = torch.full((4, 2), 3e37)  # per-entry gradients ~1e38, their sum overflows float32
+
+    def linear_loss(outputs, targets):
+        return outputs[:, 0]
+
+    g = ak.per_example_gradients(model, (X, torch.zeros(4)), loss=linear_loss)
+    assert torch.isfinite(g).all()
+
+
+# ----------------------------------------------------------------- 7. data in the forms users have
+def test_float64_numpy_into_float32_model():
+    model, (X, y) = mlp(dtype=torch.float32), classification_data()
+    got = ak.per_example_gradients(model, (X.numpy(), y.numpy()))
+    ref = loop_per_example_gradients(model, X.float(), y)
+    assert got.dtype == torch.float32
+    assert_close(got, ref, rtol=1e-5)
+    ifvp = ak.ExplicitIFVP(damping=0.1).fit(model, (X.numpy(), y.numpy()))
+    assert ifvp.n_features_in_ == got.shape[1]
+
+
+def test_targets_as_a_list():
+    model, (X, y) = mlp(), classification_data()
+    ref = ak.per_example_gradients(model, (X, y), config=F64)
+    assert_close(ak.per_example_gradients(model, (X, y.tolist()), config=F64), ref, rtol=1e-12)
+    batches = [(X[:7], y[:7].tolist()), (X[7:], y[7:].tolist())]
+    assert_close(ak.per_example_gradients(model, batches, config=F64), ref, rtol=1e-12)
+
+
+def test_model_failing_on_first_batch_gives_shapes_and_hint():
+    model, (_, y) = mlp(), classification_data()
+    with pytest.raises(ValueError, match=r"(?s)first batch.*\(5, 6\).*\(5,\).*DataLoader"):
+        ak.per_example_gradients(model, (torch.randn(12, 6, dtype=torch.float64), y), config=F64)
+
+
+def test_list_of_single_examples_wants_a_dataloader():
+    model, (X, y) = mlp(), classification_data()
+    examples = [(X[i], int(y[i])) for i in range(len(y))]
+    with pytest.raises(ValueError, match="single target.*DataLoader"):
+        ak.per_example_gradients(model, examples, config=F64)
+    ref = ak.per_example_gradients(model, (X, y), config=F64)
+    got = ak.per_example_gradients(model, DataLoader(examples, batch_size=4), config=F64)
+    assert_close(got, ref, rtol=1e-12)
+
+
+def test_dict_batches_say_how_to_adapt():
+    model, (X, y) = mlp(), classification_data()
+    rows = [{"x": X[i], "y": y[i]} for i in range(len(y))]
+    with pytest.raises(ValueError, match=r"dict with keys \['x', 'y'\].*collate_fn"):
+        ak.per_example_gradients(model, DataLoader(rows, batch_size=4), config=F64)
