@@ -1,0 +1,469 @@
+"""Layer capture for Kronecker-factored methods: the one place that hooks a model.
+
+EKFACIFVP (``ekfac.py``) and the LoGra-style ``KroneckerProjector`` both need,
+for each covered layer and each batch, the layer input ``a`` and the gradient
+``s`` of the per-example loss with respect to the layer output. This module
+finds the layers, describes their parameter layout and captures ``(a, s)``;
+it computes no statistics.
+
+Interface
+---------
+``resolve_layers(model, layers=None, owner="EKFACIFVP") -> (list[KFACLayer], skipped)``
+    ``layers=None``: every ``nn.Linear`` and ``nn.Conv2d`` (``groups=1``) with
+    a trainable parameter, in ``model.named_modules()`` order; modules with
+    trainable parameters of their own and another type (LayerNorm,
+    Embedding, grouped convolutions, ``nn.MultiheadAttention`` with its
+    ``out_proj``, whose forward is never called, ...) are returned in
+    ``skipped`` (names, model order); parameter-free modules are not listed.
+    Given module names (any order, returned in model order): a name the model
+    does not have, or a module of an unsupported type, raises ``ValueError``
+    naming it; requested modules are covered whether or not their
+    parameters are trainable.
+``param_layout(layers) -> OrderedDict``
+    ``parameter name -> shape`` of the covered parameters: per layer its
+    weight, then its bias (when it has one), layers in model order; the names
+    are those of ``model.named_parameters()``, so
+    ``per_example_gradients(model, data, params=list(param_layout(layers)))``
+    gives vectors in this layout.
+``LayerCapture(model, layers, owner)``
+    A context manager. On entry it registers one forward hook per covered
+    layer; on exit (also when an exception is raised inside) it removes every
+    hook it registered. Inside, each forward call of a covered module (with
+    gradients enabled) records
+
+    * ``a``: the layer input as ``(batch, T, d_in)``, detached, with a column
+      of ones appended when the layer has a bias (so ``d_in`` counts it).
+      ``nn.Linear`` on ``(batch, features)``: ``T = 1``; on
+      ``(batch, *dims, features)`` (tokens): ``T = prod(dims)``.
+      ``nn.Conv2d``: the input unfolded (im2col) with
+      ``torch.nn.functional.unfold`` and the conv's ``kernel_size``,
+      ``dilation``, ``padding`` and ``stride`` (string paddings and the
+      non-zero ``padding_mode`` values are applied first with ``F.pad``, as
+      the conv does), so ``T`` = number of output positions and
+      ``d_in = in_channels * kh * kw [+ 1]``, features ordered like
+      ``weight.reshape(out_channels, -1)``;
+    * a gradient edge of the layer output (taken at that moment, so later
+      in-place changes of the output, e.g. ``ReLU(inplace=True)``, do not
+      alter what is differentiated).
+
+    ``capture.backward(loss, retain_graph=False)`` then differentiates a
+    scalar ``loss`` (use the SUM of per-example losses, never the mean, so
+    that ``s`` is the per-example gradient) with respect to the recorded
+    outputs only (no parameter gradient is computed or accumulated, ``.grad``
+    is never touched) and returns one ``(a, s)`` pair per layer, in layer
+    order, with ``s`` shaped ``(batch, T, d_out)`` (conv: output positions in
+    ``unfold`` order). Call it several times with ``retain_graph=True`` for
+    several losses on one forward (``fisher="expected"``: one per class); the
+    recorded ``a`` are the same tensors each time. ``capture.inputs()``
+    returns the ``a`` of the last forward without a backward;
+    ``capture.reset()`` forgets the recorded forward (``backward`` does that
+    itself unless ``retain_graph=True``). A module called several times in
+    one forward (weight sharing) has its calls concatenated along ``T``.
+
+With ``a`` and ``s`` so shaped, the per-example gradient of a layer's weight
+matrix (bias as the last column) is ``sum_t s[i, t, :] outer a[i, t, :]`` =
+``s[i].T @ a[i]``, shape ``(d_out, d_in)``; ``matrix_to_params`` and
+``params_to_matrix`` convert between that matrix and the layer's parameters
+(a conv weight is ``(d_out, in * kh * kw)`` reshaped to the weight's shape).
+
+A layer whose output does not require grad (frozen parameters and nothing
+trainable upstream) gets a detached leaf that requires grad in place of its
+output, so its ``s`` is still defined; the model's parameters and their
+``requires_grad`` flags are never changed. ``call_model(model, inputs)``
+calls a model on a tensor, a tuple of positional arguments or a dict of
+keyword arguments.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections import OrderedDict
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import _validation as V
+
+try:  # torch >= 2.2: the edge taken at forward time survives in-place changes
+    from torch.autograd.graph import get_gradient_edge as _edge
+except ImportError:  # pragma: no cover - older torch
+
+    def _edge(tensor):
+        return tensor
+
+
+__all__ = [
+    "KFACLayer",
+    "LayerCapture",
+    "call_model",
+    "matrix_to_params",
+    "param_layout",
+    "params_to_matrix",
+    "resolve_layers",
+]
+
+SUPPORTED = (nn.Linear, nn.Conv2d)
+
+
+@dataclasses.dataclass(frozen=True)
+class KFACLayer:
+    """One covered layer.
+
+    Attributes
+    ----------
+    name : str
+        Module name in ``model.named_modules()``.
+    kind : {"linear", "conv2d"}
+    module : torch.nn.Module
+        The module itself (used while capturing; never pickled by estimators).
+    weight_name, bias_name : str, str or None
+        Full parameter names (``bias_name`` is None without a bias).
+    weight_shape : tuple
+        Shape of the weight parameter.
+    d_in : int
+        Columns of the layer's gradient matrix: ``in_features`` (Linear) or
+        ``in_channels * kh * kw`` (Conv2d), plus 1 with a bias.
+    d_out : int
+        Rows: ``out_features`` or ``out_channels``.
+    """
+
+    name: str
+    kind: str
+    module: nn.Module = dataclasses.field(repr=False, compare=False)
+    weight_name: str
+    bias_name: str | None
+    weight_shape: tuple
+    d_in: int
+    d_out: int
+
+    @property
+    def has_bias(self) -> bool:
+        return self.bias_name is not None
+
+    @property
+    def param_shapes(self) -> OrderedDict:
+        shapes = OrderedDict([(self.weight_name, self.weight_shape)])
+        if self.bias_name is not None:
+            shapes[self.bias_name] = (self.d_out,)
+        return shapes
+
+
+def _prefixed(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def _unsupported_reason(module: nn.Module) -> str | None:
+    """Why a Linear/Conv2d module cannot be covered (None when it can)."""
+    if isinstance(module, nn.Conv2d) and module.groups != 1:
+        return (
+            f"a grouped convolution (groups={module.groups}): its weight gradient is "
+            "block-diagonal over groups, which one Kronecker factor pair does not describe"
+        )
+    return None
+
+
+def _make_layer(name: str, module: nn.Module) -> KFACLayer:
+    bias = getattr(module, "bias", None)
+    weight = module.weight
+    if isinstance(module, nn.Linear):
+        kind, fan_in = "linear", module.in_features
+    else:
+        kind, fan_in = "conv2d", math.prod(weight.shape[1:])
+    return KFACLayer(
+        name=name,
+        kind=kind,
+        module=module,
+        weight_name=_prefixed(name, "weight"),
+        bias_name=_prefixed(name, "bias") if bias is not None else None,
+        weight_shape=tuple(weight.shape),
+        d_in=fan_in + (bias is not None),
+        d_out=int(weight.shape[0]),
+    )
+
+
+def _own_trainable(module: nn.Module) -> bool:
+    return any(p.requires_grad for p in module.parameters(recurse=False))
+
+
+def resolve_layers(model: nn.Module, layers=None, owner="EKFACIFVP"):
+    """The covered layers and the skipped module names (see the module docstring).
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+    layers : list of str, optional
+        Module names to cover; ``None`` covers every supported module with a
+        trainable parameter.
+    owner : estimator or str
+        Named in error messages.
+
+    Returns
+    -------
+    covered : list of KFACLayer
+        In model order.
+    skipped : list of str
+        ``layers=None`` only: modules with trainable parameters of their own
+        that cannot be covered (an empty list when ``layers`` is given).
+    """
+    who = V._owner(owner)
+    modules = OrderedDict(model.named_modules())
+    if layers is not None:
+        if isinstance(layers, str) or not all(isinstance(n, str) for n in layers):
+            raise V.param_error(owner, "layers", "None or a list of module names", layers)
+        layers = list(layers)
+        if not layers:
+            raise V.param_error(
+                owner, "layers", "None or a non-empty list of module names", layers
+            )
+        if len(set(layers)) != len(layers):
+            raise ValueError(f"The 'layers' parameter of {who} lists a module twice: {layers}.")
+        supported = [n for n, m in modules.items() if isinstance(m, SUPPORTED)]
+        for name in layers:
+            if name not in modules:
+                raise ValueError(
+                    f"The 'layers' parameter of {who} names a module the model does not have: "
+                    f"{name!r}. Supported modules of this model (nn.Linear, nn.Conv2d): "
+                    f"{supported}."
+                )
+            module = modules[name]
+            if not isinstance(module, SUPPORTED):
+                raise ValueError(
+                    f"The 'layers' parameter of {who} names module {name!r} of type "
+                    f"{type(module).__name__}, which is not supported: only nn.Linear and "
+                    f"nn.Conv2d (groups=1) layers can be covered. Supported modules of this "
+                    f"model: {supported}."
+                )
+            reason = _unsupported_reason(module)
+            if reason is not None:
+                raise ValueError(
+                    f"The 'layers' parameter of {who} names module {name!r}, {reason}; only "
+                    "nn.Conv2d with groups=1 is supported."
+                )
+        wanted = set(layers)
+        covered = [_make_layer(n, m) for n, m in modules.items() if n in wanted]
+        return covered, []
+    covered, skipped = [], []
+    # Modules whose forward does not call their children (MultiheadAttention
+    # uses out_proj.weight directly) are skipped whole.
+    opaque: list[str] = []
+    for name, module in modules.items():
+        if any(name.startswith(o + ".") for o in opaque):
+            continue
+        if isinstance(module, nn.MultiheadAttention):
+            opaque.append(name)
+            if any(p.requires_grad for p in module.parameters()):
+                skipped.append(name)
+            continue
+        if isinstance(module, SUPPORTED):
+            if not _own_trainable(module):
+                continue
+            if _unsupported_reason(module) is None:
+                covered.append(_make_layer(name, module))
+            else:
+                skipped.append(name)
+        elif _own_trainable(module):
+            skipped.append(name)
+    if not covered:
+        raise ValueError(
+            f"The model given to {who} has no nn.Linear or nn.Conv2d (groups=1) module with "
+            f"trainable parameters to cover. Modules with trainable parameters of other types: "
+            f"{skipped}."
+        )
+    return covered, skipped
+
+
+def param_layout(layers) -> OrderedDict:
+    """``parameter name -> shape``: weight then bias per layer, layers in order."""
+    shapes = OrderedDict()
+    for layer in layers:
+        shapes.update(layer.param_shapes)
+    return shapes
+
+
+def params_to_matrix(layer: KFACLayer, weight: torch.Tensor, bias: torch.Tensor | None):
+    """``(m, *weight_shape)`` and ``(m, d_out)`` -> the ``(m, d_out, d_in)`` matrix."""
+    m = weight.shape[0]
+    w = weight.reshape(m, layer.d_out, -1)
+    if bias is None:
+        return w
+    return torch.cat([w, bias.reshape(m, layer.d_out, 1)], dim=2)
+
+
+def matrix_to_params(layer: KFACLayer, matrix: torch.Tensor):
+    """``(m, d_out, d_in)`` -> ``(weight (m, *weight_shape), bias (m, d_out) or None)``."""
+    m = matrix.shape[0]
+    if layer.has_bias:
+        return matrix[..., :-1].reshape(m, *layer.weight_shape), matrix[..., -1]
+    return matrix.reshape(m, *layer.weight_shape), None
+
+
+def call_model(model: nn.Module, inputs):
+    """``model(inputs)``, ``model(*inputs)`` for a tuple, ``model(**inputs)`` for a dict."""
+    if isinstance(inputs, dict):
+        return model(**inputs)
+    if isinstance(inputs, (tuple, list)):
+        return model(*inputs)
+    return model(inputs)
+
+
+def _conv_input(module: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """im2col of a conv input: ``(batch, positions, in * kh * kw)``."""
+    if x.ndim != 4:
+        raise ValueError(
+            f"nn.Conv2d inputs must be (batch, channels, height, width) to be captured; got "
+            f"shape {tuple(x.shape)} (unbatched input is not supported)."
+        )
+    padding = module.padding
+    if isinstance(padding, str) or module.padding_mode != "zeros":
+        # What Conv2d itself does for padding_mode != "zeros"; for the string
+        # paddings the same attribute holds the (possibly asymmetric) amounts.
+        pads = module._reversed_padding_repeated_twice
+        mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+        x = F.pad(x, pads, mode=mode)
+        padding = 0
+    cols = F.unfold(
+        x,
+        kernel_size=module.kernel_size,
+        dilation=module.dilation,
+        padding=padding,
+        stride=module.stride,
+    )
+    return cols.transpose(1, 2)
+
+
+def _layer_input(layer: KFACLayer, x: torch.Tensor) -> torch.Tensor:
+    """The ``(batch, T, d_in)`` input matrix, ones column appended for the bias."""
+    x = x.detach()
+    if layer.kind == "conv2d":
+        cols = _conv_input(layer.module, x)
+    else:
+        if x.ndim < 2:
+            raise ValueError(
+                f"nn.Linear layer {layer.name!r} got an unbatched input of shape "
+                f"{tuple(x.shape)}; inputs must be (batch, ..., features)."
+            )
+        cols = x.reshape(x.shape[0], -1, x.shape[-1])
+    if not layer.has_bias:
+        return cols.contiguous()
+    b, t, d = cols.shape
+    a = cols.new_empty(b, t, d + 1)
+    a[..., :d] = cols
+    a[..., d] = 1
+    return a
+
+
+def _output_grad(layer: KFACLayer, g: torch.Tensor) -> torch.Tensor:
+    """The output gradient as ``(batch, T, d_out)``."""
+    if layer.kind == "conv2d":
+        return g.flatten(2).transpose(1, 2)
+    return g.reshape(g.shape[0], -1, g.shape[-1])
+
+
+class LayerCapture:
+    """Context manager capturing ``(a, s)`` per covered layer (see the module docstring).
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+    layers : list of KFACLayer
+        From ``resolve_layers``.
+    owner : estimator or str
+        Named in error messages.
+    """
+
+    def __init__(self, model: nn.Module, layers, owner="EKFACIFVP"):
+        self.model = model
+        self.layers = list(layers)
+        self.owner = owner
+        self._handles: list = []
+        self.reset()
+
+    # ------------------------------------------------------------ context
+    def __enter__(self):
+        try:
+            for index, layer in enumerate(self.layers):
+                hook = self._forward_hook(index, layer)
+                self._handles.append(layer.module.register_forward_hook(hook, with_kwargs=True))
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
+
+    def close(self) -> None:
+        """Remove every hook registered and forget recorded tensors."""
+        while self._handles:
+            self._handles.pop().remove()
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the recorded forward (inputs and output edges)."""
+        self._inputs: list[list[torch.Tensor]] = [[] for _ in self.layers]
+        self._edges: list[list] = [[] for _ in self.layers]
+
+    # ------------------------------------------------------------ hooks
+    def _forward_hook(self, index: int, layer: KFACLayer):
+        def hook(module, args, kwargs, output):
+            if not torch.is_grad_enabled():
+                return None
+            x = args[0] if args else kwargs.get("input", next(iter(kwargs.values())))
+            self._inputs[index].append(_layer_input(layer, x))
+            replaced = None
+            if not output.requires_grad:
+                # Nothing upstream is trainable: differentiate at a fresh leaf.
+                output = replaced = output.detach().requires_grad_()
+            self._edges[index].append(_edge(output))
+            return replaced
+
+        return hook
+
+    # ------------------------------------------------------------ results
+    def _check_called(self) -> None:
+        missing = [layer.name for layer, e in zip(self.layers, self._edges) if not e]
+        if missing:
+            raise ValueError(
+                f"{V._owner(self.owner)}: the covered layers {missing} were not called in the "
+                "model's forward pass (with gradients enabled), so their inputs and output "
+                "gradients cannot be captured. Pass layers=[...] naming modules the forward "
+                "calls."
+            )
+
+    def inputs(self) -> list[torch.Tensor]:
+        """The recorded ``a`` per layer, ``(batch, T, d_in)``, of the last forward."""
+        self._check_called()
+        return [x[0] if len(x) == 1 else torch.cat(x, dim=1) for x in self._inputs]
+
+    def backward(self, loss: torch.Tensor, retain_graph: bool = False, grad_outputs=None):
+        """Differentiate ``loss`` at the recorded layer outputs.
+
+        Returns
+        -------
+        list of (a, s)
+            Per layer, in layer order: ``a`` ``(batch, T, d_in)`` and ``s``
+            ``(batch, T, d_out)``, in the model's dtype.
+        """
+        inputs = self.inputs()
+        edges = [e for per_layer in self._edges for e in per_layer]
+        grads = torch.autograd.grad(
+            loss, edges, grad_outputs=grad_outputs, retain_graph=retain_graph, allow_unused=True
+        )
+        pairs, start = [], 0
+        for i, (layer, a, per_layer) in enumerate(zip(self.layers, inputs, self._edges)):
+            parts = []
+            for k, g in enumerate(grads[start : start + len(per_layer)]):
+                if g is None:  # the loss does not depend on this call's output
+                    t = self._inputs[i][k].shape[1]
+                    g = a.new_zeros(a.shape[0], t, layer.d_out)
+                else:
+                    g = _output_grad(layer, g)
+                parts.append(g)
+            start += len(per_layer)
+            pairs.append((a, parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)))
+        if not retain_graph:
+            self.reset()
+        return pairs
