@@ -1,11 +1,12 @@
 """attribkit: training-data attribution building blocks as scikit-learn estimators."""
 
+from . import evaluation
 from ._gradients import per_example_gradients
 from ._scores import influence
 from .base import BaseEstimator
 from .config import ComputeConfig
 from .ifvp import DataInfIFVP, ExplicitIFVP
-from .projection import RandomProjector
+from .projection import ArnoldiProjector, RandomProjector
 
 __version__ = "0.1.0"
 
@@ -15,9 +16,12 @@ __all__ = [
     # estimators
     "BaseEstimator",
     "RandomProjector",
+    "ArnoldiProjector",
     "ExplicitIFVP",
     "DataInfIFVP",
     # helpers
     "per_example_gradients",
     "influence",
+    # evaluation against retraining (attribkit.evaluation.loo_correlation, .lds)
+    "evaluation",
 ]

@@ -227,11 +227,21 @@ def iter_gradients(
     gradient raises ``ValueError`` naming the batch, the example and its likely
     cause. A model call that fails on the first batch is re-raised as a
     ``ValueError`` giving the batch's shapes.
+
+    ``fisher="expected"`` (built-in losses only) yields instead
+    ``name -> (K, b, *shape)``: the weighted pseudo-gradients
+    ``sqrt(w_k) g_k`` of :func:`expected_targets`, whose outer products summed
+    over ``k`` are each example's exact expected Fisher (its Gauss-Newton
+    matrix). That costs ``K`` vectorised backward passes per batch (``K = C``
+    classes for cross-entropy, ``D`` output entries for MSE) and holds ``K``
+    times one batch of gradients.
     """
     loss_fn = resolve_loss(loss, owner)
     V.check_fisher(owner, fisher)
     if fisher == "true" and callable(loss):
         sample_targets(None, loss)  # raises the explanatory error
+    if fisher == "expected" and callable(loss):
+        expected_targets(None, loss)  # raises the explanatory error
     selected = select_params(model, params, owner)
     names = list(selected)
     sel = {n: p.detach() for n, p in selected.items()}
@@ -252,7 +262,7 @@ def iter_gradients(
     batches = iter_batches(data, config, device=device, dtype=dtype, desc=desc)
     with _EvalMode(model):
         for inputs, targets in batches:
-            if fisher == "true" or not checked:
+            if fisher != "empirical" or not checked:
                 with torch.no_grad():
                     if checked:
                         outputs = _call(model, {**frozen, **sel}, inputs)
@@ -263,6 +273,14 @@ def iter_gradients(
                     checked = True
                 if fisher == "true":
                     targets = sample_targets(outputs, loss)
+            if fisher == "expected":
+                yield _expected_gradients(
+                    per_example, sel, names, inputs, outputs, loss, batch, offset, owner,
+                    lambda x, t: loss_fn(_call(model, {**frozen, **sel}, x), t),
+                )
+                batch += 1
+                offset += batch_len(inputs)
+                continue
             grads = per_example(sel, inputs, targets)
             out = OrderedDict((n, grads[n].detach()) for n in names)
             _check_finite_gradients(
@@ -272,6 +290,22 @@ def iter_gradients(
             yield out
             batch += 1
             offset += batch_len(inputs)
+
+
+def _expected_gradients(per_example, sel, names, inputs, outputs, loss, batch, offset, owner,
+                        loss_of) -> OrderedDict:
+    """``name -> (K, b, *shape)`` pseudo-gradients ``sqrt(w_k) g_k`` of one batch."""
+    all_targets, weights = expected_targets(outputs, loss)
+    rows: dict[str, list] = {n: [] for n in names}
+    for k in range(all_targets.shape[0]):
+        grads = per_example(sel, inputs, all_targets[k])
+        grads = OrderedDict((n, grads[n].detach()) for n in names)
+        _check_finite_gradients(grads, inputs, all_targets[k], batch, offset, owner, loss_of)
+        root = weights[k].clamp_min(0).sqrt()
+        for n in names:
+            g = grads[n]
+            rows[n].append(g * root.to(g.dtype).reshape(-1, *([1] * (g.ndim - 1))))
+    return OrderedDict((n, torch.stack(rows[n])) for n in names)
 
 
 def _shapes(x):

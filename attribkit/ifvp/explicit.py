@@ -92,12 +92,18 @@ class ExplicitIFVP(BaseEstimator):
         ``(G^T G / n + d I)^{-1} = (1/d) (I - G^T (n d I + G G^T)^{-1} G)``,
         an ``n x n`` Cholesky factor with the gradients kept. ``"auto"``: the
         cheaper of the two (see Notes). Both give the same numbers.
-    fisher : {"empirical", "true"}, default="empirical"
+    fisher : {"empirical", "true", "expected"}, default="empirical"
         Model mode only: gradients of the loss at the data's targets
-        (``"empirical"``), or at targets sampled from the model's predictive
+        (``"empirical"``), at targets sampled from the model's predictive
         distribution (``"true"``, built-in losses only; uses torch's global
-        generator, so ``torch.manual_seed`` makes it reproducible). Ignored in
-        array mode, where the gradients are given.
+        generator, so ``torch.manual_seed`` makes it reproducible), or the
+        exact expectation over that distribution (``"expected"``, built-in
+        losses only): per example ``sum_c p_c g_c g_c^T`` over the ``C``
+        classes for cross-entropy, the Gauss-Newton matrix ``J^T (diag(p) -
+        p p^T) J``; for MSE likewise ``(2 / D) J^T J``. It is the best
+        curvature of the three (for a linear model it is the Hessian of the
+        loss) and costs ``C`` (or ``D``) backward passes per batch; see
+        Notes. Ignored in array mode, where the gradients are given.
     loss : {"cross_entropy", "mse"} or callable, default="cross_entropy"
         Model mode only: the per-example loss; a callable takes
         ``(outputs, targets)`` and returns losses of shape ``(batch,)``.
@@ -147,6 +153,16 @@ class ExplicitIFVP(BaseEstimator):
     the first time it fails, folds them into a dense ``F`` and streams the
     rest into it; the final choice is the one array mode makes for the same
     ``n``. If the preferred form does not fit in memory the other is used.
+
+    **fisher="expected".** Each example contributes ``K`` weighted
+    pseudo-gradients ``sqrt(w_k) g_k`` (``K = C`` classes weighted by the
+    softmax probabilities, or ``K = D`` MSE outputs), so a batch costs ``K``
+    vectorised backward passes and holds ``K`` times as many gradients. The
+    Fisher still averages over the ``n`` examples (``n_samples_ = n``), but
+    the kernel form keeps and factorises all ``r = n K`` rows (``gradients_``
+    is ``(n K, p)``, the kernel ``n K x n K``: ``(1/d)(I - G^T (n d I +
+    G G^T)^{-1} G)`` with ``G`` the pseudo-gradients), and the costs,
+    memory and ``"auto"`` rule above hold with ``n`` replaced by ``r``.
 
     **Memory.** The dense form peaks at ``16 p^2`` bytes (the float64 Fisher
     and its factor), the kernel form at ``8 n p + 16 n^2`` bytes (float64
@@ -245,10 +261,12 @@ class ExplicitIFVP(BaseEstimator):
 
     # ------------------------------------------------------------------ fit
     def _fit_model(self, model, data, config: ComputeConfig) -> None:
-        if self.fisher == "true" and callable(self.loss):
+        if self.fisher in ("true", "expected") and callable(self.loss):
+            how = "samples targets from" if self.fisher == "true" else "takes the expectation over"
             raise ValueError(
-                "The 'fisher' parameter of ExplicitIFVP is 'true', which samples targets from "
-                "the model and is supported for loss='cross_entropy' and loss='mse' only. "
+                f"The 'fisher' parameter of ExplicitIFVP is {self.fisher!r}, which {how} "
+                "the model's predictive distribution and is supported for "
+                "loss='cross_entropy' and loss='mse' only. "
                 f"Got the custom loss {self.loss!r}; use fisher='empirical'."
             )
         shapes = param_shapes(select_params(model, self.params, self))
@@ -263,43 +281,61 @@ class ExplicitIFVP(BaseEstimator):
             owner=self,
             desc="ExplicitIFVP Fisher",
         )
-        chunks = (flatten_dict(g, shapes).to(device=self._device, dtype=_F64) for g in batches)
-        self._fit_chunks(chunks, None, self._memory_limit())
+        self._fit_chunks(self._model_chunks(batches, shapes), None, self._memory_limit())
+
+    def _model_chunks(self, batches, shapes):
+        """``(rows, examples)`` float64 chunks from the model's gradient batches.
+
+        ``fisher="expected"`` batches are ``(K, b, *shape)`` weighted
+        pseudo-gradients: ``K b`` rows that stand for ``b`` examples.
+        """
+        for g in batches:
+            examples = next(iter(g.values())).shape[0]
+            if self.fisher == "expected":
+                examples = next(iter(g.values())).shape[1]
+                g = {n: t.reshape(-1, *t.shape[2:]) for n, t in g.items()}
+            yield flatten_dict(g, shapes).to(device=self._device, dtype=_F64), examples
 
     def _fit_array(self, G: torch.Tensor, config: ComputeConfig) -> None:
         n, p = G.shape
         limit = self._memory_limit()
         # copy=True: kept gradients must never alias the caller's tensor.
         if self._resolve_solver(n, p, limit) == "woodbury":
-            chunks = [G.to(_F64, copy=True)]  # the kept state itself, in one piece
+            chunks = [(G.to(_F64, copy=True), n)]  # the kept state itself, in one piece
         else:
             # Chunks keep the float64 copy of a low-precision G within the budget.
             rows = max(1, min(n, config.memory_budget // (8 * p)))
-            chunks = (G[s : s + rows].to(_F64, copy=True) for s in range(0, n, rows))
+            chunks = (
+                (G[s : s + rows].to(_F64, copy=True), min(rows, n - s)) for s in range(0, n, rows)
+            )
         self._fit_chunks(chunks, n, limit)
 
     def _memory_limit(self) -> tuple[int, int]:
         return (self._config.memory_budget, _available_memory(self._device))
 
     def _fit_chunks(self, chunks, n: int | None, limit: tuple[int, int]) -> None:
-        """Accumulate ``(b, p)`` float64 gradient chunks and factorise.
+        """Accumulate ``(rows, examples)`` float64 gradient chunks and factorise.
 
-        ``n`` is the number of examples when known up front (array mode);
-        ``None`` in model mode, where the solver is re-checked as rows arrive.
+        A chunk is ``(r, p)`` rows standing for ``examples`` examples (``r``
+        of them, or ``K`` times as many pseudo-gradients for
+        ``fisher="expected"``). ``n`` is the number of rows when known up
+        front (array mode); ``None`` in model mode, where the solver is
+        re-checked as rows arrive.
         """
         p = self.n_features_in_
         solver = self._resolve_solver(0 if n is None else n, p, limit)
         F = torch.zeros(p, p, dtype=_F64, device=self._device) if solver == "cholesky" else None
         kept: list[torch.Tensor] = []
-        count = 0
-        for chunk in chunks:
-            count += chunk.shape[0]
+        count = rows = 0
+        for chunk, examples in chunks:
+            count += examples
+            rows += chunk.shape[0]
             if F is not None:
                 F.addmm_(chunk.T, chunk)
                 continue
             kept.append(chunk)
             if n is None:
-                solver = self._resolve_solver(count, p, limit)
+                solver = self._resolve_solver(rows, p, limit)
                 if solver == "cholesky":  # "auto" passed the break-even point
                     F = torch.zeros(p, p, dtype=_F64, device=self._device)
                     for c in kept:
@@ -308,12 +344,16 @@ class ExplicitIFVP(BaseEstimator):
         self.solver_ = solver
         self.n_samples_ = count
         if solver == "cholesky":
-            self._factorise_dense(F, count)
+            self._factorise_dense(F, count, rows)
         else:
-            self._factorise_kernel(torch.cat(kept) if len(kept) > 1 else kept[0])
+            self._factorise_kernel(torch.cat(kept) if len(kept) > 1 else kept[0], count)
 
     def _resolve_solver(self, n: int, p: int, limit: tuple[int, int]) -> str:
-        """The solver for ``n`` examples and ``p`` features; raise if none fits.
+        """The solver for ``n`` gradient rows and ``p`` features; raise if none fits.
+
+        ``n`` counts rows, not examples: ``fisher="expected"`` keeps ``K``
+        weighted pseudo-gradients per example, and costs and memory scale with
+        them.
 
         ``limit`` is ``(memory_budget, available bytes)``; a form fits when it
         needs no more than the larger of the two.
@@ -387,13 +427,15 @@ class ExplicitIFVP(BaseEstimator):
             raise self._singular_error(detail, scale)
         return L
 
-    def _factorise_dense(self, F: torch.Tensor, n: int) -> None:
+    def _factorise_dense(self, F: torch.Tensor, n: int, rows: int) -> None:
+        # n examples (F averages over them), rows gradients (F's rank is at most rows).
         p = F.shape[0]
         F.div_(n)
         damping, scale = float(self.damping), float(F.diagonal().mean())
         floor = p * _EPS64 * float(F.diagonal().max())
-        if n < p and damping <= floor:
-            detail = f"F = G^T G / n has rank at most n = {n} < p = {p}"
+        if rows < p and damping <= floor:
+            what = "n" if rows == n else "n K (the pseudo-gradients)"
+            detail = f"F = G^T G / n has rank at most {what} = {rows} < p = {p}"
             if damping > 0:
                 detail += f" and damping is at its rounding level ({floor:.3g})"
             raise self._singular_error(detail, scale)
@@ -401,17 +443,19 @@ class ExplicitIFVP(BaseEstimator):
         self.cholesky_ = self._cholesky(F, scale)
         self.gradients_ = None
 
-    def _factorise_kernel(self, G: torch.Tensor) -> None:
-        (n, p), damping = G.shape, float(self.damping)
+    def _factorise_kernel(self, G: torch.Tensor, n: int) -> None:
+        # G: (rows, p), rows = n examples, or n K pseudo-gradients; F = G^T G / n.
+        (rows, p), damping = G.shape, float(self.damping)
         K = G @ G.T
-        scale = float(K.diagonal().mean()) / p  # = mean diagonal of F
+        scale = float(K.diagonal().sum()) / (n * p)  # = mean diagonal of F
         # The kernel stays well conditioned however small the damping, but with
-        # n < p the matrix F + damping I is singular to float64 precision once
+        # rows < p the matrix F + damping I is singular to float64 precision once
         # damping is at F's rounding level: refuse it as the dense form does.
         floor = p * _EPS64 * float(G.square().sum(0).max()) / n
-        if n < p and damping <= floor:
+        if rows < p and damping <= floor:
             detail = (
-                f"F has rank at most n = {n} < p = {p} and damping is at its rounding level "
+                f"F has rank at most {'n' if rows == n else 'n K (the pseudo-gradients)'} = "
+                f"{rows} < p = {p} and damping is at its rounding level "
                 f"(p * eps * max diagonal of F = {floor:.3g})"
             )
             raise self._singular_error(detail, scale)
