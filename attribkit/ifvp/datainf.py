@@ -83,9 +83,13 @@ default="module"
           ``0.weight`` and ``0.bias``); ``"parameter"`` makes each parameter
           tensor its own layer.
         * array mode: ``"module"`` (the default) makes one layer of a plain
-          array and one layer per key of a dict; ``"parameter"`` also makes
-          one layer per key (the keys are all array mode knows of the
-          parameters; pass lists of keys to group them).
+          array and groups a dict's keys by module prefix exactly as model
+          mode groups parameter names (``{"0.weight", "0.bias", "2.weight"}``
+          gives two layers; keys without a ``'.'`` share the empty prefix and
+          form one layer), so the dict of
+          ``per_example_gradients(..., flatten=False)`` gives the same layers
+          and scores as fitting on the model; ``"parameter"`` makes one layer
+          per key.
         * either mode: a list of lists of parameter names (keys of
           ``param_shapes_``), which must partition them, each name in exactly
           one layer; or a list of layer sizes (ints >= 1 summing to
@@ -221,7 +225,10 @@ default="module"
 
         layers = self.layers
         if isinstance(layers, str):
-            if layers == "module" and model_mode:
+            # Array mode groups a dict's keys exactly as model mode groups the
+            # parameter names, so per_example_gradients(..., flatten=False)
+            # gives the same layers (and scores) in both modes.
+            if layers == "module":
                 groups: OrderedDict[str, list[str]] = OrderedDict()
                 for name in names:
                     groups.setdefault(name.rpartition(".")[0], []).append(name)

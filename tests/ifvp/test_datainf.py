@@ -12,6 +12,7 @@ from cases import classification_data, mlp
 from reference import assert_close, loop_per_example_gradients
 from sklearn.exceptions import NotFittedError
 
+import attribkit as ak
 from attribkit.config import ComputeConfig
 from attribkit.ifvp.datainf import DataInfIFVP
 
@@ -108,6 +109,25 @@ def test_array_mode_layer_sizes_numpy_in_numpy_out():
     assert_close(ifvp.transform(torch.from_numpy(V)), expected, rtol=1e-10)
 
 
+@pytest.mark.parametrize("layers", ["module", "parameter"])
+def test_dict_of_per_example_gradients_equals_model_fit(mlp_case, layers):
+    # The dict per_example_gradients(..., flatten=False) gives the model's layers.
+    model, X, y, G = mlp_case
+    grads = ak.per_example_gradients(model, (X, y), config=F64, flatten=False)
+    from_model = DataInfIFVP(layers=layers, config=F64).fit(model, (X, y))
+    from_dict = DataInfIFVP(layers=layers, config=F64).fit(grads)
+    assert from_dict.layers_ == from_model.layers_ == (MODULE if layers == "module" else PARAMETER)
+    assert from_dict.damping_ == pytest.approx(from_model.damping_, rel=1e-12)
+    V = torch.randn(4, G.shape[1], generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    assert_close(from_dict.transform(V), from_model.transform(V), rtol=1e-10)
+    assert_close(ak.influence(from_dict, G, V), ak.influence(from_model, G, V), rtol=1e-10)
+    assert_close(
+        from_dict.transform(V),
+        naive_layerwise(G, V, name_indices(model, from_model.layers_), from_model.damping_),
+        rtol=1e-10,
+    )
+
+
 def test_array_mode_plain_array_is_one_layer():
     rng = np.random.default_rng(1)
     G, V = rng.normal(size=(10, 6)), rng.normal(size=(3, 6))
@@ -128,7 +148,9 @@ def test_array_mode_dict_in_dict_out():
     Vf = torch.cat([Vd["a"].reshape(3, -1), Vd["b"]], dim=1)
     per_key = [range(6), range(6, 10)]
 
-    ifvp = DataInfIFVP(config=F64).fit(X)  # default: one layer per key
+    # Keys without a module prefix share the empty one: "module" makes one layer.
+    assert DataInfIFVP(config=F64).fit(X).layers_ == [["a", "b"]]
+    ifvp = DataInfIFVP(layers="parameter", config=F64).fit(X)  # one layer per key
     assert ifvp.layers_ == [["a"], ["b"]]
     assert ifvp.damping_ == pytest.approx(auto_damping(G, per_key), rel=1e-12)
     out = ifvp.transform(Vd)
@@ -208,12 +230,12 @@ def test_wrong_damping_list_length_names_the_layer_count(mlp_case):
 def test_auto_damping_on_all_zero_layer_names_it():
     X = {"a": np.random.default_rng(0).normal(size=(5, 3)), "b": np.zeros((5, 2))}
     with pytest.raises(ValueError, match=r"layer 1 \(\['b'\]\) are all zero"):
-        DataInfIFVP().fit(X)
+        DataInfIFVP(layers="parameter").fit(X)
     G = np.concatenate([X["a"], X["b"]], axis=1)
     with pytest.raises(ValueError, match="layer 1 \\(flat features 3:5\\) are all zero"):
         DataInfIFVP(layers=[3, 2]).fit(G)
     # A float damping is fine: the layer is then the identity divided by λ.
-    ifvp = DataInfIFVP(damping=0.5, config=F64).fit(X)
+    ifvp = DataInfIFVP(damping=0.5, layers="parameter", config=F64).fit(X)
     out = ifvp.transform({"a": np.zeros((1, 3)), "b": np.ones((1, 2))})
     assert_close(out["b"], torch.full((1, 2), 2.0, dtype=torch.float64), rtol=1e-15)
 
