@@ -112,6 +112,20 @@ def _pair(batch, index: int):
     )
 
 
+EMPTY_DATA_MESSAGE = (
+    "The 'data' argument is empty: it yielded no example. (A generator can only be "
+    "iterated once; pass a DataLoader or a tuple to estimators that need two passes.)"
+)
+
+
+class EmptyDataError(ValueError):
+    """``data`` yielded no example (a ``ValueError``).
+
+    Its own class so that a distributed fit (``attribkit._distributed``) can
+    tell an empty shard on one rank, which is allowed, from other errors.
+    """
+
+
 def iter_batches(
     data,
     config: ComputeConfig,
@@ -180,7 +194,4 @@ def iter_batches(
             inputs, targets = to_device(inputs, device, dtype), to_device(targets, device, dtype)
         yield inputs, targets
     if seen == 0:
-        raise ValueError(
-            "The 'data' argument is empty: it yielded no example. (A generator can only be "
-            "iterated once; pass a DataLoader or a tuple to estimators that need two passes.)"
-        )
+        raise EmptyDataError(EMPTY_DATA_MESSAGE)

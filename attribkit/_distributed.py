@@ -4,23 +4,133 @@ Every estimator that fits across processes goes through one ``Reducer``
 (API.md section 6): each rank streams its own shard of the data, sums its
 sufficient statistics, and calls the reducer once per pass; afterwards every
 rank holds the statistics of the union of the shards. Only
-``torch.distributed`` collectives are used; with one process (or
+``torch.distributed`` collectives are used (``gloo`` on the CPU, ``nccl`` on
+CUDA), on the estimator's device; with one process (or
 ``config.distributed=False``) every method is a no-op, so single-process code
 pays nothing.
+
+A pass over a rank's shard is wrapped in :meth:`Reducer.shard_pass`, which
+ends it with one small collective: the global example count, and a clear
+error on *every* rank when any rank failed (instead of the others waiting in
+the next collective until the process group times out). A rank whose shard is
+empty is allowed (its ``EmptyDataError`` is swallowed there) as long as the
+union of the shards is not; an empty union raises the single-process error on
+every rank.
+
+The payload bytes of every collective are counted in a module-level tally
+(:func:`traffic`, :func:`reset_traffic`), for the distributed benchmark.
 """
 
 from __future__ import annotations
 
+import math
+import pickle
+
 import torch
 import torch.distributed as dist
 
+from ._data import EMPTY_DATA_MESSAGE, EmptyDataError
 from .config import ComputeConfig
 
-__all__ = ["Reducer", "reducer"]
+__all__ = ["Reducer", "reducer", "traffic", "reset_traffic"]
+
+#: Tensors up to this many bytes are packed into one buffer per all-reduce.
+_PACK_BYTES = 16 * 2**20
+#: Fixed width of the descriptors :meth:`Reducer.agree` exchanges.
+_MAX_DIMS = 8
+_MAX_PRINTS = 4
+
+_TRAFFIC = {"bytes": 0, "collectives": 0}
+
+
+def traffic() -> dict:
+    """Payload bytes this process has passed to collectives (and their number).
+
+    ``bytes`` counts, per collective, the tensors this rank contributes (an
+    all-reduce of a ``(p, p)`` float64 matrix counts ``8 p^2``; on the wire a
+    ring all-reduce moves about ``2 (W - 1) / W`` times that per rank).
+    """
+    return dict(_TRAFFIC)
+
+
+def reset_traffic() -> None:
+    """Set the :func:`traffic` tally back to zero."""
+    _TRAFFIC["bytes"] = 0
+    _TRAFFIC["collectives"] = 0
+
+
+def _count(nbytes: int) -> None:
+    _TRAFFIC["bytes"] += int(nbytes)
+    _TRAFFIC["collectives"] += 1
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+class _ShardPass:
+    """Context of one pass over this rank's shard (see :meth:`Reducer.shard_pass`).
+
+    Attributes
+    ----------
+    count : int
+        Examples this rank has seen; the caller adds to it as batches arrive.
+    total : int or None
+        The sum of ``count`` over ranks, set when the pass ends without error.
+    """
+
+    def __init__(self, red: Reducer, owner: str):
+        self._red = red
+        self._owner = owner
+        self.count = 0
+        self.total = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        red = self._red
+        if not red.active:
+            if exc_type is None:
+                self.total = int(self.count)
+            return False
+        if exc_type is not None and not issubclass(exc_type, Exception):
+            return False  # KeyboardInterrupt and the like: no collective
+        empty = isinstance(exc, EmptyDataError) and self.count == 0
+        failed = exc is not None and not empty
+        flags = torch.tensor(
+            [0 if failed else int(self.count), int(failed)], dtype=torch.int64, device=red.device
+        )
+        red._all_reduce(flags)
+        if int(flags[1]) > 0:
+            note = f"{type(exc).__name__}: {exc}" if failed else None
+            notes = red._gather_objects(note)
+            if failed:
+                return False  # this rank's own error, as raised
+            failures = "; ".join(f"rank {r}: {m}" for r, m in enumerate(notes) if m is not None)
+            raise RuntimeError(
+                f"{self._owner} failed on {int(flags[1])} of {red.world_size} ranks, so it "
+                f"stops on every rank (this is rank {red.rank}). {failures}"
+            )
+        self.total = int(flags[0])
+        if self.total == 0:
+            raise EmptyDataError(
+                f"{EMPTY_DATA_MESSAGE} It was empty on all {red.world_size} ranks of the "
+                "process group."
+            ) from None
+        return empty  # an empty shard on this rank is fine: the union is not empty
 
 
 class Reducer:
     """Collectives over the default process group, or no-ops when inactive.
+
+    Parameters
+    ----------
+    active : bool
+        Whether to communicate.
+    device : torch.device, optional
+        Where small tensors (counts, flags, descriptors) are made for the
+        collectives: the estimator's device (``nccl`` needs CUDA tensors).
 
     Attributes
     ----------
@@ -28,40 +138,250 @@ class Reducer:
         Whether statistics are reduced (an initialised group of > 1 rank).
     rank, world_size : int
         This process's rank and the number of ranks (0 and 1 when inactive).
+    device : torch.device
+        The device of the small tensors the reducer makes itself.
     """
 
-    def __init__(self, active: bool):
-        self.active = active
-        self.rank = dist.get_rank() if active else 0
-        self.world_size = dist.get_world_size() if active else 1
+    def __init__(self, active: bool, device: torch.device | str | None = None, owner: str = "fit"):
+        self.active = bool(active)
+        self.rank = dist.get_rank() if self.active else 0
+        self.world_size = dist.get_world_size() if self.active else 1
+        self.device = torch.device("cpu" if device is None else device)
+        if self.active:
+            backend = str(dist.get_backend()).lower()
+            if backend == "nccl" and self.device.type != "cuda":
+                raise RuntimeError(
+                    f"{owner}: the default process group uses the 'nccl' backend, which "
+                    f"communicates CUDA tensors only, but the estimator computes on "
+                    f"{str(self.device)!r}. Use ComputeConfig(device='cuda') (after "
+                    "torch.cuda.set_device(local_rank)), a 'gloo' process group for CPU "
+                    "estimators, or distributed=False."
+                )
 
+    def __repr__(self) -> str:
+        if not self.active:
+            return "Reducer(inactive)"
+        return f"Reducer(rank={self.rank}, world_size={self.world_size}, device={self.device})"
+
+    # ------------------------------------------------------------ primitives
+    def _all_reduce(self, t: torch.Tensor, op=None) -> None:
+        _count(_nbytes(t))
+        dist.all_reduce(t, op=dist.ReduceOp.SUM if op is None else op)
+
+    def _gather_objects(self, obj) -> list:
+        out = [None] * self.world_size
+        _count(len(pickle.dumps(obj)))
+        dist.all_gather_object(out, obj)
+        return out
+
+    # ------------------------------------------------------------ sums
     def sum_(self, *tensors: torch.Tensor) -> None:
-        """All-reduce (sum) each tensor in place."""
+        """All-reduce (sum) each tensor in place.
+
+        Small tensors of one dtype and device are packed into one buffer, so
+        a call costs one collective per ``16 MiB`` of small statistics
+        (e.g. all of EK-FAC's per-layer covariances) plus one per large
+        tensor. Non-contiguous tensors are reduced through a contiguous copy.
+        """
         if not self.active:
             return
+        pack: dict[tuple, list[torch.Tensor]] = {}
         for t in tensors:
-            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+            if _nbytes(t) > _PACK_BYTES or t.numel() == 0:
+                if t.numel():
+                    self._reduce_one(t)
+                continue
+            pack.setdefault((t.dtype, t.device), []).append(t)
+        for group in pack.values():
+            while group:
+                chunk, size = [], 0
+                while group and (not chunk or size + _nbytes(group[0]) <= _PACK_BYTES):
+                    size += _nbytes(group[0])
+                    chunk.append(group.pop(0))
+                if len(chunk) == 1:
+                    self._reduce_one(chunk[0])
+                    continue
+                flat = torch.cat([t.reshape(-1) for t in chunk])
+                self._all_reduce(flat)
+                start = 0
+                for t in chunk:
+                    t.copy_(flat[start : start + t.numel()].view_as(t))
+                    start += t.numel()
 
-    def sum_int(self, value: int, device: torch.device) -> int:
+    def _reduce_one(self, t: torch.Tensor) -> None:
+        if t.is_contiguous():
+            self._all_reduce(t)
+        else:
+            tmp = t.contiguous()
+            self._all_reduce(tmp)
+            t.copy_(tmp)
+
+    def sum_int(self, value: int, device: torch.device | None = None) -> int:
         """The sum over ranks of a Python integer (an example count, say)."""
         if not self.active:
             return int(value)
-        t = torch.tensor([int(value)], dtype=torch.int64, device=device)
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        t = torch.tensor([int(value)], dtype=torch.int64, device=device or self.device)
+        self._all_reduce(t)
+        return int(t.item())
+
+    def min_int(self, value: int, device: torch.device | None = None) -> int:
+        """The minimum over ranks of a Python integer (a memory limit, say)."""
+        if not self.active:
+            return int(value)
+        t = torch.tensor([int(value)], dtype=torch.int64, device=device or self.device)
+        self._all_reduce(t, op=dist.ReduceOp.MIN)
         return int(t.item())
 
     def broadcast_(self, tensor: torch.Tensor, src: int = 0) -> None:
         """Overwrite ``tensor`` on every rank with rank ``src``'s."""
         if self.active:
+            _count(_nbytes(tensor))
             dist.broadcast(tensor, src=src)
 
+    # ------------------------------------------------------------ gathers
+    def gather_ints(self, values) -> list[list[int]]:
+        """Every rank's list of ``len(values)`` integers, in rank order."""
+        values = [int(v) for v in values]
+        if not self.active:
+            return [values]
+        t = torch.tensor(values, dtype=torch.int64, device=self.device)
+        out = [torch.empty_like(t) for _ in range(self.world_size)]
+        _count(_nbytes(t))
+        dist.all_gather(out, t)
+        return [[int(v) for v in o.tolist()] for o in out]
 
-def reducer(config: ComputeConfig, owner: str = "fit") -> Reducer:
+    def gather_rows(self, local: torch.Tensor, what: str = "rows") -> torch.Tensor:
+        """Concatenate every rank's ``(n_r, *shape)`` tensor along dim 0, in rank order.
+
+        Ranks may hold different numbers of rows (zero included); the trailing
+        shape must agree (``ValueError`` on every rank otherwise). Costs two
+        collectives: the row counts, then an all-gather of the rows padded to
+        the largest count, so it briefly holds ``world_size * max_r n_r`` rows
+        besides the result.
+        """
+        if not self.active:
+            return local
+        trailing = list(local.shape[1:])
+        if len(trailing) > _MAX_DIMS:
+            raise ValueError(f"gather_rows takes at most {_MAX_DIMS} trailing dimensions.")
+        desc = [local.ndim, local.shape[0], *trailing, *([0] * (_MAX_DIMS - len(trailing)))]
+        descs = self.gather_ints(desc)
+        if any(d[0] != desc[0] or d[2:] != desc[2:] for d in descs):
+            shapes = [tuple(d[1 : 1 + d[0]]) for d in descs]
+            raise ValueError(
+                f"The ranks hold {what} of different shapes, which cannot be gathered: "
+                + ", ".join(f"rank {r}: {s}" for r, s in enumerate(shapes))
+                + ". Every rank must fit the same model and parameters."
+            )
+        rows = [d[1] for d in descs]
+        most = max(rows)
+        buf = local
+        if local.shape[0] != most or not local.is_contiguous():
+            buf = local.new_zeros((most, *local.shape[1:]))
+            buf[: local.shape[0]] = local
+        out = [torch.empty_like(buf) for _ in range(self.world_size)]
+        _count(_nbytes(buf))
+        dist.all_gather(out, buf)
+        return torch.cat([o[:r] for o, r in zip(out, rows)])
+
+    def agree(
+        self, what: str, shape=None, fingerprint=(), rtol: float = 1e-8, failed: bool = False
+    ) -> None:
+        """Raise ``ValueError`` on every rank unless all ranks pass the same thing.
+
+        Each rank gives the ``shape`` of its argument and optionally a few
+        floats ``fingerprint`` (sums of its entries, say) that must agree to
+        ``rtol`` relative to the largest one's magnitude (so equal arguments
+        pass whatever the summation order). ``failed=True`` says this rank
+        could not even get that far (its own error is re-raised by the
+        caller); the others then raise here instead of waiting forever in a
+        collective this rank never joins. One all-gather of a few numbers.
+        """
+        if not self.active:
+            return
+        shape = () if shape is None else tuple(int(s) for s in shape)
+        fingerprint = tuple(float(f) for f in fingerprint)
+        if len(shape) > _MAX_DIMS or len(fingerprint) > _MAX_PRINTS:
+            raise ValueError("agree() takes a short shape and fingerprint.")
+        row = [float(failed), float(len(shape)), *map(float, shape)]
+        row += [0.0] * (2 + _MAX_DIMS - len(row))
+        row += [float(len(fingerprint)), *fingerprint]
+        row += [0.0] * (3 + _MAX_DIMS + _MAX_PRINTS - len(row))
+        t = torch.tensor(row, dtype=torch.float64, device=self.device)
+        out = [torch.empty_like(t) for _ in range(self.world_size)]
+        _count(_nbytes(t))
+        dist.all_gather(out, t)
+        rows = [o.tolist() for o in out]
+        failed_ranks = [r for r, v in enumerate(rows) if v[0]]
+        if failed_ranks:
+            if failed:
+                return  # the caller raises this rank's own error
+            raise ValueError(
+                f"{what}: rank(s) {failed_ranks} failed before the collective step, so it "
+                f"stops on every rank (this is rank {self.rank}); see their error."
+            )
+        shapes = [tuple(int(s) for s in v[2 : 2 + int(v[1])]) for v in rows]
+        start = 2 + _MAX_DIMS
+        prints = [v[start + 1 : start + 1 + int(v[start])] for v in rows]
+        if any(s != shapes[0] for s in shapes):
+            raise ValueError(
+                f"{what} must be called by every rank with arguments of the same shape. Got "
+                + ", ".join(f"rank {r}: {s}" for r, s in enumerate(shapes))
+                + "."
+            )
+        if not all(math.isfinite(f) for p in prints for f in p):
+            return  # NaN/Inf arguments: the caller's finiteness check says so
+        scale = max((abs(f) for p in prints for f in p), default=0.0)
+        for r, p in enumerate(prints):
+            if len(p) != len(prints[0]) or any(
+                abs(a - b) > rtol * scale for a, b in zip(p, prints[0])
+            ):
+                raise ValueError(
+                    f"{what} must be called by every rank with the same arguments, but rank "
+                    f"{r}'s differ from rank 0's (checksums {p} and {prints[0]})."
+                )
+
+    # ------------------------------------------------------------ passes
+    def shard_pass(self, owner: str) -> _ShardPass:
+        """Context manager around one pass over this rank's shard.
+
+        Add the examples seen to its ``count``; on exit (one all-reduce of two
+        integers) ``total`` is the count over all ranks. If the body raised on
+        any rank, every rank raises: the failing ones their own error, the
+        others a ``RuntimeError`` quoting it. An ``EmptyDataError`` from an
+        empty shard is swallowed unless every shard is empty. Inactive: the
+        body's exceptions pass through unchanged and ``total = count``.
+
+        Examples
+        --------
+        >>> from attribkit._distributed import Reducer
+        >>> red = Reducer(False)
+        >>> with red.shard_pass("fit") as shard:
+        ...     shard.count += 5
+        >>> shard.total
+        5
+        """
+        return _ShardPass(self, owner)
+
+
+def reducer(
+    config: ComputeConfig, owner: str = "fit", device: torch.device | str | None = None
+) -> Reducer:
     """The reducer ``config.distributed`` asks for at this moment.
 
     ``"auto"``: active when ``torch.distributed`` is available, initialised
     and has more than one rank. ``True``: a process group must be
     initialised (``RuntimeError`` otherwise). ``False``: never active.
+    ``device`` (default ``config.torch_device``) is where the reducer makes
+    its own small tensors; a ``nccl`` group with a CPU device raises
+    ``RuntimeError`` saying what to change.
+
+    Examples
+    --------
+    >>> import attribkit as ak
+    >>> from attribkit._distributed import reducer
+    >>> reducer(ak.ComputeConfig()).active  # no process group initialised
+    False
     """
     setting = config.distributed
     initialised = dist.is_available() and dist.is_initialized()
@@ -73,4 +393,5 @@ def reducer(config: ComputeConfig, owner: str = "fit") -> Reducer:
         )
     if setting is False or not initialised:
         return Reducer(False)
-    return Reducer(dist.get_world_size() > 1)
+    device = config.torch_device if device is None else device
+    return Reducer(dist.get_world_size() > 1, device=device, owner=owner)
