@@ -2,7 +2,7 @@
 
 from . import evaluation
 from ._gradients import per_example_gradients
-from ._scores import influence
+from ._scores import influence, self_influence
 from .base import BaseEstimator
 from .config import ComputeConfig
 from .ifvp import DataInfIFVP, ExplicitIFVP
@@ -22,6 +22,7 @@ __all__ = [
     # helpers
     "per_example_gradients",
     "influence",
+    "self_influence",
     # evaluation against retraining (attribkit.evaluation.loo_correlation, .lds)
     "evaluation",
 ]

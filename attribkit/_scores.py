@@ -1,30 +1,216 @@
-"""Influence scores from a fitted inverse-Fisher-vector-product estimator."""
+"""Influence scores from a fitted inverse-Fisher-vector-product estimator.
+
+``influence(ifvp, train, test)`` is ``ifvp.transform(test) @ train.T``. The
+test side is preconditioned once; the training vectors are read in blocks of
+rows sized to ``config.memory_budget`` (so they may be an ``np.memmap`` larger
+than memory: only one block is ever copied), each block is scored against the
+whole test set, and the scores are written into the result, or merged into a
+running top-k when ``top_k`` is given. ``self_influence`` streams the vectors
+the same way and keeps only the row-wise products.
+
+Sign convention (Koh & Liang, 2017): with ``F`` standing for the Hessian of
+the mean training loss, up-weighting training example ``i`` by ``ε`` changes
+the test loss by ``-ε g_testᵀ F⁻¹ g_i``; so a positive score is a proponent
+(more weight lowers the test loss) and removing example ``i`` (``ε = -1/n``)
+raises the test loss by about ``score / n_train``.
+"""
 
 from __future__ import annotations
 
-from sklearn.utils.validation import check_is_fitted
+import math
+from collections.abc import Mapping
 
+import numpy as np
+import torch
+from sklearn.pipeline import Pipeline
+from sklearn.utils.validation import check_is_fitted
+from tqdm.auto import tqdm
+
+from . import _validation as V
 from ._vectors import flatten_input, unflatten_output
 
+__all__ = ["influence", "self_influence"]
 
-def influence(ifvp, train_vectors, test_vectors):
-    """Influence scores ``ifvp.transform(test) @ train.T``.
+
+# --------------------------------------------------------------------------- inputs
+def _resolve(ifvp, owner: str):
+    """``(estimator, preprocess)`` for a fitted IFVP or a Pipeline ending in one."""
+    pre = None
+    final = ifvp
+    if isinstance(ifvp, Pipeline):
+        final = ifvp.steps[-1][1] if ifvp.steps else None
+        if len(ifvp.steps) > 1:
+            pre = ifvp[:-1].transform
+    if not getattr(final, "_is_ifvp", False):
+        what = (
+            f"a Pipeline whose last step is {type(final).__name__}"
+            if isinstance(ifvp, Pipeline)
+            else type(ifvp).__name__
+        )
+        hint = ""
+        if hasattr(final, "_is_ifvp") or hasattr(final, "transform"):
+            hint = (
+                " A projector or other transformer maps gradients to new features but does "
+                "not precondition them; put it before an IFVP estimator in a Pipeline."
+            )
+        raise TypeError(
+            f"The 'ifvp' argument of {owner} must be a fitted attribkit IFVP estimator "
+            "(ExplicitIFVP, DataInfIFVP, EKFACIFVP, ...) or a fitted sklearn Pipeline whose "
+            f"last step is one. Got {what} instead.{hint}"
+        )
+    check_is_fitted(final)
+    return final, pre
+
+
+def _as_rows(x, name: str, owner: str):
+    """``(container, n_rows)`` without copying arrays, tensors, memmaps or dicts."""
+    if isinstance(x, Mapping):
+        if not x:
+            raise ValueError(f"Input {name} of {owner} is an empty dict.")
+        lengths = {k: len(v) for k, v in x.items()}
+        if len(set(lengths.values())) > 1:
+            raise ValueError(
+                f"All values of input {name} of {owner} must have the same number of rows. "
+                f"Got {lengths}."
+            )
+        return x, next(iter(lengths.values()))
+    if isinstance(x, (np.ndarray, torch.Tensor)):
+        if x.ndim != 2:
+            raise ValueError(
+                f"Expected a 2-D array for input {name} of {owner}, (n_samples, "
+                f"n_features). Got shape {tuple(x.shape)} instead."
+            )
+        return x, int(x.shape[0])
+    if hasattr(x, "to_numpy"):  # pandas / polars frames
+        x = x.to_numpy()
+    else:
+        x = np.asarray(x)
+    if x.ndim != 2:
+        raise ValueError(
+            f"Expected a 2-D array for input {name} of {owner}, (n_samples, n_features). "
+            f"Got shape {tuple(x.shape)} instead."
+        )
+    return x, int(x.shape[0])
+
+
+def _rows(x, start: int, stop: int):
+    if isinstance(x, Mapping):
+        return {k: v[start:stop] for k, v in x.items()}
+    return x[start:stop]
+
+
+def _row_bytes(x) -> int:
+    """Bytes of one input row (before conversion)."""
+    if isinstance(x, Mapping):
+        return sum(_row_bytes(v) for v in x.values())
+    if not isinstance(x, (np.ndarray, torch.Tensor)):
+        x = np.asarray(x[:1])
+    item = x.element_size() if isinstance(x, torch.Tensor) else x.dtype.itemsize
+    return item * math.prod(x.shape[1:])
+
+
+class _Side:
+    """Flattens blocks of one set of vectors into the estimator's layout."""
+
+    def __init__(self, est, pre, name: str, owner: str):
+        self.est, self.pre, self.name, self.owner = est, pre, name, owner
+        self.dtype = est._config.torch_dtype
+
+    def flat(self, block) -> tuple[torch.Tensor, str]:
+        if self.pre is not None:
+            block = self.pre(block)
+        inp = flatten_input(
+            block,
+            self.est.param_shapes_,
+            self.owner,
+            device=self.est._device,
+            dtype=self.dtype,
+            name=self.name,
+        )
+        return inp.flat, inp.kind
+
+
+def _block_rows(est, raw, m: int, extra_per_row: int = 0) -> int:
+    """Training rows per block within ``config.memory_budget``.
+
+    A block costs its raw copy, its flat tensor in ``config.dtype`` and its
+    ``(m, block)`` column of scores (plus ``extra_per_row``).
+    """
+    item = torch.empty((), dtype=est._config.torch_dtype).element_size()
+    per_row = _row_bytes(raw) + est.n_features_in_ * item + m * item + extra_per_row
+    return max(1, est._config.memory_budget // max(1, per_row))
+
+
+def _bar(total_blocks: int, est, desc: str):
+    return tqdm(
+        total=total_blocks,
+        desc=desc,
+        disable=not est._config.show_progress or total_blocks <= 1,
+        leave=False,
+    )
+
+
+def _kind(x) -> str:
+    """Results are numpy for numpy (or other array-like) input, torch otherwise."""
+    return "torch" if isinstance(x, (torch.Tensor, Mapping)) else "numpy"
+
+
+def _out(t: torch.Tensor, kind: str):
+    return unflatten_output(t, kind, None)
+
+
+# --------------------------------------------------------------------------- influence
+def influence(ifvp, train_vectors, test_vectors, top_k: int | None = None):
+    """Influence scores ``ifvp.transform(test) @ train.T``, block by block.
+
+    Entry ``(t, i)`` is ``g_tᵀ F⁻¹ g_i``: the influence of training example
+    ``i`` on the loss of test example ``t``. **Sign**: a positive score means
+    training example ``i`` is a *proponent* of test example ``t``: up-weighting
+    it lowers the test loss, and removing it (retraining without it) raises
+    that loss by about ``score / n_train``; a negative score is an *opponent*
+    (Koh & Liang, 2017, with the Fisher standing for the Hessian). For a
+    score to mean this, the gradients must be of the same loss the model was
+    trained with; a test example's gradient is taken at its true label to ask
+    "why this loss", at the model's predicted label to ask "why this
+    prediction".
 
     Parameters
     ----------
-    ifvp : fitted attribkit IFVP estimator
+    ifvp : fitted IFVP estimator or fitted sklearn.pipeline.Pipeline
         For example a fitted :class:`~attribkit.ExplicitIFVP` or
-        :class:`~attribkit.DataInfIFVP`.
+        :class:`~attribkit.DataInfIFVP`; or a Pipeline whose last step is one,
+        whose earlier steps (e.g. a :class:`~attribkit.RandomProjector`)
+        transform both sets of vectors first. Anything else raises
+        ``TypeError``.
     train_vectors : array-like of shape (n_train, n_features) or dict
-        Training gradients, in the estimator's layout.
+        Training gradients in the layout the (pipeline's) input expects. May
+        be an ``np.memmap`` larger than memory: it is read in blocks of rows
+        and never copied whole.
     test_vectors : array-like of shape (n_test, n_features) or dict
-        Test gradients, in the estimator's layout.
+        Test gradients, preconditioned at once (they must fit in memory).
+    top_k : int, optional
+        When given, return the ``top_k`` strongest proponents and opponents
+        of each test example instead of the score matrix, found by a running
+        merge over the blocks (the whole matrix is never held).
 
     Returns
     -------
     scores : ndarray or torch.Tensor of shape (n_test, n_train)
-        numpy when ``test_vectors`` is a numpy array (or array-like), else torch; in
-        ``config.dtype``. Entry ``(t, i)`` is ``g_testᵀ F⁻¹ g_train_i``.
+        When ``top_k`` is None. numpy when ``test_vectors`` is a numpy array
+        (or another array-like), else torch; in ``config.dtype``.
+    (top_values, top_indices, bottom_values, bottom_indices) : tuple
+        When ``top_k`` is given, each of shape ``(n_test, top_k)``:
+        ``top_values`` the largest scores in decreasing order and
+        ``top_indices`` their training rows (int64), ``bottom_values`` the
+        smallest (most negative) scores in increasing order and
+        ``bottom_indices`` theirs; equal to ``torch.topk`` of the full
+        matrix (largest and smallest). Same array type as ``scores``.
+
+    Notes
+    -----
+    Training rows are processed in blocks whose raw copy, flat tensor and
+    ``(n_test, block)`` scores fit ``config.memory_budget``; a progress bar
+    (``config.progress``) follows the blocks when there are several.
 
     Examples
     --------
@@ -33,26 +219,120 @@ def influence(ifvp, train_vectors, test_vectors):
     >>> ifvp = ak.ExplicitIFVP(damping=0.1).fit(G)
     >>> ak.influence(ifvp, G, G[:3]).shape
     torch.Size([3, 20])
+    >>> top, top_idx, bottom, bottom_idx = ak.influence(ifvp, G, G[:3], top_k=2)
+    >>> top_idx.shape
+    torch.Size([3, 2])
+    >>> bool((top_idx[:, 0] == torch.arange(3)).all())  # each example supports itself most
+    True
     """
-    check_is_fitted(ifvp)
-    owner = type(ifvp).__name__
-    dtype = ifvp._config.torch_dtype
-    test = flatten_input(
-        test_vectors,
-        ifvp.param_shapes_,
-        owner,
-        device=ifvp._device,
-        dtype=dtype,
-        name="test_vectors",
-    )
-    train = flatten_input(
-        train_vectors,
-        ifvp.param_shapes_,
-        owner,
-        device=ifvp._device,
-        dtype=dtype,
-        name="train_vectors",
-    )
-    preconditioned = ifvp._transform(test.flat).to(dtype)
-    scores = preconditioned @ train.flat.T
-    return unflatten_output(scores, test.kind, None)
+    owner = "influence"
+    est, pre = _resolve(ifvp, owner)
+    train, n = _as_rows(train_vectors, "train_vectors", owner)
+    if n == 0:
+        raise ValueError(f"Input train_vectors of {owner} has 0 rows; expected at least 1.")
+    if top_k is not None:
+        V.check_int(owner, "top_k", top_k, minimum=1)
+        if top_k > n:
+            raise V.param_error(owner, "top_k", f"an int in [1, n_train={n}]", top_k)
+    dtype = est._config.torch_dtype
+    kind = _kind(test_vectors)
+    test, _ = _Side(est, pre, "test_vectors", owner).flat(test_vectors)
+    preconditioned = est._transform(test).to(dtype)
+    m = preconditioned.shape[0]
+    side = _Side(est, pre, "train_vectors", owner)
+    rows = _block_rows(est, train, m, extra_per_row=0 if top_k is None else 2 * top_k * 8)
+    blocks = range(0, n, rows)
+    if top_k is None:
+        scores = torch.empty((m, n), dtype=dtype, device=est._device)
+    else:
+        best = worst = None
+    with _bar(len(blocks), est, "influence") as bar:
+        for start in blocks:
+            stop = min(n, start + rows)
+            flat, _ = side.flat(_rows(train, start, stop))
+            if flat.shape[0] != stop - start:  # pragma: no cover - a preprocess changed rows
+                raise ValueError("The pipeline's earlier steps changed the number of rows.")
+            block = preconditioned @ flat.T
+            if top_k is None:
+                scores[:, start:stop] = block
+            else:
+                best = _merge(best, block, start, top_k, largest=True)
+                worst = _merge(worst, block, start, top_k, largest=False)
+            bar.update(1)
+    if top_k is None:
+        return _out(scores, kind)
+    return (_out(best[0], kind), _out(best[1], kind), _out(worst[0], kind), _out(worst[1], kind))
+
+
+def _merge(state, block: torch.Tensor, offset: int, k: int, *, largest: bool):
+    """Merge one block of scores into the running ``(values, indices)`` top-k."""
+    idx = torch.arange(offset, offset + block.shape[1], device=block.device)
+    idx = idx.unsqueeze(0).expand(block.shape[0], -1)
+    if state is not None:
+        block = torch.cat([state[0], block], dim=1)
+        idx = torch.cat([state[1], idx], dim=1)
+    kk = min(k, block.shape[1])
+    values, pos = torch.topk(block, kk, dim=1, largest=largest, sorted=True)
+    return values, idx.gather(1, pos)
+
+
+def self_influence(ifvp, vectors):
+    """Self-influence ``g_iᵀ F⁻¹ g_i`` of each vector, without the ``n × n`` matrix.
+
+    The diagonal of ``influence(ifvp, vectors, vectors)``: row-wise sums of
+    ``transform(V) * V``, computed in blocks of rows within
+    ``config.memory_budget`` (``vectors`` may be an ``np.memmap`` larger than
+    memory). Mislabelled and atypical training examples score high: their
+    gradient is large in directions the rest of the data does not support.
+
+    Parameters
+    ----------
+    ifvp : fitted IFVP estimator or fitted sklearn.pipeline.Pipeline
+        As in :func:`influence`.
+    vectors : array-like of shape (n, n_features) or dict
+        Per-example gradients in the layout the (pipeline's) input expects.
+
+    Returns
+    -------
+    scores : ndarray or torch.Tensor of shape (n,)
+        numpy for numpy (or array-like) input, else torch; in ``config.dtype``.
+        The products are summed in the precision of the estimator's
+        ``transform`` (float64 for ExplicitIFVP) before the cast.
+
+    Examples
+    --------
+    >>> import torch, attribkit as ak
+    >>> G = torch.randn(20, 5, dtype=torch.float64)
+    >>> ifvp = ak.ExplicitIFVP(damping=0.1).fit(G)
+    >>> s = ak.self_influence(ifvp, G)
+    >>> s.shape
+    torch.Size([20])
+    >>> torch.allclose(s, ak.influence(ifvp, G, G).diagonal())
+    True
+    """
+    owner = "self_influence"
+    est, pre = _resolve(ifvp, owner)
+    data, n = _as_rows(vectors, "vectors", owner)
+    if n == 0:
+        raise ValueError(f"Input vectors of {owner} has 0 rows; expected at least 1.")
+    dtype = est._config.torch_dtype
+    side = _Side(est, pre, "vectors", owner)
+    # A block holds its raw copy, its flat tensor and the (float64) transform.
+    rows = _block_rows(est, data, 0, extra_per_row=16 * est.n_features_in_)
+    blocks = range(0, n, rows)
+    out = torch.empty(n, dtype=dtype, device=est._device)
+    kind = _kind(vectors)
+    with _bar(len(blocks), est, "self_influence") as bar:
+        for start in blocks:
+            stop = min(n, start + rows)
+            flat, _ = side.flat(_rows(data, start, stop))
+            pre_flat = est._transform(flat)
+            work = torch.promote_types(pre_flat.dtype, flat.dtype)
+            out[start:stop] = (pre_flat.to(work) * flat.to(work)).sum(1).to(dtype)
+            bar.update(1)
+    if not bool(torch.isfinite(out).all()):
+        raise ValueError(
+            f"{type(est).__name__} produced non-finite self-influence from finite vectors: "
+            f"the result overflows config.dtype={est._config.dtype!r}. Use a wider dtype."
+        )
+    return _out(out, kind)

@@ -15,14 +15,28 @@ back in the container the user passed. Subclasses implement only
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
+from collections.abc import Mapping
 
+import numpy as np
 import sklearn.base
 import torch
-from sklearn.utils.validation import check_is_fitted
+from sklearn.utils.validation import (
+    _check_feature_names,
+    _check_feature_names_in,
+    check_is_fitted,
+)
 
 from . import _validation as V
-from ._vectors import all_finite, fit_layout, flatten_input, layout_size, unflatten_output
+from ._vectors import (
+    ARRAY_KEY,
+    all_finite,
+    fit_layout,
+    flatten_input,
+    layout_size,
+    unflatten_output,
+)
 from .config import ComputeConfig, check_device_available
 
 __all__ = ["BaseEstimator"]
@@ -65,6 +79,23 @@ class BaseEstimator(sklearn.base.TransformerMixin, sklearn.base.BaseEstimator):
     param_shapes_ : OrderedDict
         ``name -> shape`` of the parameters (or the single array block) whose
         flattened concatenation, in this order, is a flat vector.
+    feature_names_in_ : ndarray of str
+        Column names of a DataFrame given to ``fit`` in array mode (only then).
+
+    Notes
+    -----
+    ``get_feature_names_out`` follows scikit-learn, so
+    ``set_output(transform="pandas")`` works in a Pipeline: estimators whose
+    output has the input's layout (IFVPs, ``_same_layout = True``) pass the
+    input names through; the others (projectors) name their outputs with the
+    lowercased class name and an index (``randomprojector0``, ...), as
+    ``ClassNamePrefixFeaturesOutMixin`` does.
+
+    An estimator is an inverse-Fisher-vector-product estimator, accepted by
+    :func:`attribkit.influence`, when its class attribute ``_is_ifvp`` is
+    true. Classes defined in the ``attribkit.ifvp`` package get
+    ``_is_ifvp = True`` automatically; any other subclass (a user's own IFVP)
+    opts in by setting ``_is_ifvp = True`` in its class body.
     """
 
     #: True, or the reason why fitting from an array/model is impossible.
@@ -72,8 +103,17 @@ class BaseEstimator(sklearn.base.TransformerMixin, sklearn.base.BaseEstimator):
     _model_mode = True
     #: transform returns vectors in the input's layout (IFVPs) or not (projectors).
     _same_layout = True
+    #: accepted by ``influence``/``self_influence`` as the preconditioner ``F^-1``.
+    _is_ifvp = False
     #: attributes that are caches: dropped when pickling and when moving devices.
     _transient = ()
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        # Every estimator of the attribkit.ifvp package is an IFVP without
+        # having to say so; others inherit the flag or set it themselves.
+        if "_is_ifvp" not in cls.__dict__ and cls.__module__.startswith("attribkit.ifvp."):
+            cls._is_ifvp = True
 
     # ------------------------------------------------------------------ fit
     def fit(self, model, data=None):
@@ -111,6 +151,7 @@ class BaseEstimator(sklearn.base.TransformerMixin, sklearn.base.BaseEstimator):
                     "and data."
                 )
             shapes, G = fit_layout(model, name="X")
+            _check_feature_names(fitted, model, reset=True)
             fitted._set_layout(shapes)
             fitted._fit_array(G.to(fitted._device), config)
         fitted._init_transient()
@@ -176,6 +217,8 @@ class BaseEstimator(sklearn.base.TransformerMixin, sklearn.base.BaseEstimator):
     def _apply(self, vectors, fn, *, same_layout: bool):
         """Validate and flatten ``vectors``, apply ``fn``, give the result back in kind."""
         check_is_fitted(self)
+        if not isinstance(vectors, Mapping):
+            _check_feature_names(self, vectors, reset=False)
         owner, dtype = type(self).__name__, self._config.torch_dtype
         shapes, device = self.param_shapes_, self._device
         inp = flatten_input(vectors, shapes, owner, device=device, dtype=dtype, check_finite=False)
@@ -190,6 +233,59 @@ class BaseEstimator(sklearn.base.TransformerMixin, sklearn.base.BaseEstimator):
                 f"result overflows config.dtype={self._config.dtype!r}. Use a wider dtype."
             )
         return unflatten_output(out, inp.kind, shapes if same_layout else None)
+
+    # ------------------------------------------------------------ feature names
+    @property
+    def _n_features_out(self) -> int:
+        """Number of output columns of ``transform`` (fitted estimators only).
+
+        The input's for ``_same_layout`` estimators; else ``proj_dim_`` when
+        the estimator has it; else measured on one zero vector. Subclasses
+        that know it cheaply override this property.
+        """
+        if self._same_layout:
+            return self.n_features_in_
+        if hasattr(self, "proj_dim_"):
+            return int(self.proj_dim_)
+        zero = torch.zeros(1, self.n_features_in_, dtype=self._config.torch_dtype)
+        return int(self._transform(zero.to(self._device)).shape[1])
+
+    def _layout_feature_names(self) -> list[str]:
+        """``name[i]`` for the flat entries of each parameter (``name`` if scalar)."""
+        names = []
+        for key, shape in self.param_shapes_.items():
+            size = math.prod(shape)
+            names.extend([key] if shape == () else [f"{key}[{i}]" for i in range(size)])
+        return names
+
+    def get_feature_names_out(self, input_features=None):
+        """Names of the output features (scikit-learn's transformer API).
+
+        Parameters
+        ----------
+        input_features : array-like of str, optional
+            Names of the input features. Default: ``feature_names_in_`` when
+            ``fit`` saw a DataFrame; else ``x0, x1, ...`` for a plain array,
+            or ``name[i]`` (the flat index ``i`` within parameter ``name``)
+            for a model's or a dict's layout.
+
+        Returns
+        -------
+        ndarray of str objects
+            Estimators whose output has the input's layout (IFVPs) return the
+            input names; projectors return ``<classname>0``, ``<classname>1``,
+            ... (the lowercased class name and an index) for their
+            ``n_features_out`` columns.
+        """
+        check_is_fitted(self, "n_features_in_")
+        if self._same_layout:
+            plain = list(self.param_shapes_) == [ARRAY_KEY]
+            if input_features is None and not plain and not hasattr(self, "feature_names_in_"):
+                return np.asarray(self._layout_feature_names(), dtype=object)
+            return _check_feature_names_in(self, input_features)
+        _check_feature_names_in(self, input_features, generate_names=False)
+        prefix = type(self).__name__.lower()
+        return np.asarray([f"{prefix}{i}" for i in range(self._n_features_out)], dtype=object)
 
     # ------------------------------------------------------------ devices & pickling
     def to(self, device):
