@@ -1,0 +1,692 @@
+"""EK-FAC: eigenvalue-corrected Kronecker-factored inverse-Fisher-vector products.
+
+The whole data flow, from ``fit`` to ``transform``:
+
+1. ``_kfac_hooks`` finds the covered layers (``nn.Linear``, ``nn.Conv2d``) and,
+   per batch, captures each layer's input ``a`` ``(b, T, d_in)`` (ones column
+   for the bias, conv inputs unfolded) and output gradient ``s`` ``(b, T, d_out)``
+   of the SUM of per-example losses;
+2. pass 1 (``EKFACStatistics.update_covariances``): sums ``a^T a`` and
+   ``s^T s`` over all rows (tokens, positions) and counts them;
+   ``finish_covariances`` reduces sums and counts over processes, normalises
+   (``A = E[a a^T]``, ``S = E[s s^T]``) and eigendecomposes in float64:
+   ``A = Q_A diag(.) Q_A^T``, ``S = Q_S diag(.) Q_S^T`` (eigenvectors as columns);
+3. pass 2 (``update_lambda``): the per-example gradient in that basis,
+   ``Q_S^T (s_i^T a_i) Q_A``, squared and summed over examples;
+   ``finish_lambda`` reduces and normalises: ``Λ = E_i[(Q_S^T ∇W_i Q_A)^2]``;
+4. ``transform`` per layer: ``Q_S ((Q_S^T V Q_A) / (Λ + damping)) Q_A^T``.
+
+Statistics core (no hooks): ``EKFACStatistics`` and ``ekfac_apply``
+----------------------------------------------------------------------
+``EKFACStatistics(dims, names=None, *, device, dtype, memory_budget)``
+    ``dims``: one ``(d_in, d_out)`` per layer; ``dtype``: the dtype of the
+    incoming ``a`` and ``s`` (the products run in it, or float32 for half
+    types; sums are folded into float64 regularly).
+``update_covariances(k, a, s, weights=None)``
+    One batch of layer ``k``: ``a`` ``(b, T, d_in)``, ``s`` ``(b, T, d_out)``
+    with optional per-example ``weights`` ``(b,)``, or ``s`` ``(K, b, T, d_out)``
+    with ``weights`` ``(K, b)`` (``fisher="expected"``: ``S`` gets
+    ``sum_k w_k s_k s_k^T``). Call it once per batch and layer.
+``finish_covariances(reducer=None)``
+    Raises ``ValueError`` naming the layer and the first batch where a NaN or
+    infinity appeared, before any eigendecomposition; all-reduces the raw sums
+    and counts with ``reducer.sum_`` (``attribkit._distributed.reducer``; once
+    for the pass), normalises, eigendecomposes. Afterwards ``Q_A[k]``,
+    ``Q_S[k]``, ``eigvals_A[k]``, ``eigvals_S[k]`` (float64) are set.
+``update_lambda(k, a, s, weights=None)`` / ``finish_lambda(reducer=None)``
+    Pass 2, same shapes; returns the list of float64 ``Λ`` ``(d_out, d_in)``.
+``ekfac_apply(Q_S, Q_A, scale, X)``
+    ``Q_S ((Q_S^T X Q_A) * scale) Q_A^T`` for ``X`` ``(m, d_out, d_in)``:
+    ``scale = 1 / (Λ + damping)`` is the IFVP, ``Λ + damping`` the FVP.
+
+The functional ``ifvp_at_x_ekfac`` feeds the same core with the pairs an
+``MLPCache`` holds; there is no second implementation.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections import OrderedDict
+from collections.abc import Iterator
+
+import torch
+
+from .. import _validation as V
+from .._data import iter_batches
+from .._distributed import reducer as make_reducer
+from .._gradients import (
+    _check_loss_output,
+    _EvalMode,
+    expected_targets,
+    model_device,
+    model_dtype,
+    resolve_loss,
+    sample_targets,
+)
+from ..base import BaseEstimator
+from ..config import ComputeConfig
+from ._kfac_hooks import LayerCapture, call_model, param_layout, resolve_layers
+
+__all__ = ["EKFACIFVP", "EKFACStatistics", "ekfac_apply"]
+
+_F64 = torch.float64
+#: float32 partial sums are folded into the float64 totals after this many rows.
+_FOLD_ROWS = 1 << 14
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return dtype if dtype in (torch.float32, torch.float64) else torch.float32
+
+
+class _Sum:
+    """A float64 total fed through a partial sum in the compute dtype.
+
+    The partial sums of products keep GEMMs in the compute dtype (float32 for
+    a float32 model); folding them into float64 every ``_FOLD_ROWS`` rows
+    keeps the rounding of long sums at float32's level for a few thousand
+    rows, not for the whole data set. Each update records the partial sum's
+    trace (its entries are sums of non-negative terms, so a NaN or infinity
+    anywhere shows in the trace and stays there) to name the first bad batch
+    later without a synchronisation per batch.
+    """
+
+    def __init__(self, shape, device, dtype, trace):
+        self.total = torch.zeros(shape, dtype=_F64, device=device)
+        self.partial = (
+            self.total if dtype == _F64 else torch.zeros(shape, dtype=dtype, device=device)
+        )
+        self.rows = 0
+        self.trace = trace  # diagonal sum (square) or full sum (Λ)
+        self.history: list[torch.Tensor] = []
+
+    def added(self, rows: int) -> None:
+        part = self.partial
+        self.history.append(part.diagonal().sum() if self.trace else part.sum())
+        self.rows += rows
+        if part is not self.total and self.rows >= _FOLD_ROWS:
+            self.fold()
+
+    def fold(self) -> None:
+        if self.partial is not self.total:
+            self.total.add_(self.partial)
+            self.partial.zero_()
+        self.rows = 0
+
+    def first_bad_batch(self) -> int | None:
+        """Index of the first update after which the sum was not finite (None if none)."""
+        if not self.history:
+            return None
+        bad = ~torch.isfinite(torch.stack(self.history))
+        if not bool(bad.any()):
+            return None
+        return int(bad.nonzero()[0, 0])
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(-1, x.shape[-1])
+
+
+def _weighted(s: torch.Tensor, weights) -> torch.Tensor:
+    """``s`` as ``(K, b, T, d)`` scaled by ``sqrt(weights)`` (K = 1 without weights)."""
+    if s.ndim == 3:
+        s = s.unsqueeze(0)
+        if weights is not None:
+            weights = weights.reshape(1, -1)
+    if weights is None:
+        return s
+    root = weights.to(s.dtype).clamp_min(0).sqrt()
+    return s * root[:, :, None, None]
+
+
+class EKFACStatistics:
+    """Sums, counts and factors of EK-FAC for a list of layers (no hooks).
+
+    See the module docstring for the call sequence. Every sum is kept raw
+    (unnormalised) with its count until ``finish_*``, which all-reduces them
+    once per pass before normalising, so a fit over sharded data gives the
+    single-process result.
+
+    Parameters
+    ----------
+    dims : list of (int, int)
+        ``(d_in, d_out)`` per layer (``d_in`` includes the bias column).
+    names : list of str, optional
+        Layer names for error messages.
+    device : torch.device
+    dtype : torch.dtype
+        dtype of the incoming ``a`` and ``s``.
+    memory_budget : int
+        Bytes for the ``(chunk, d_out, d_in)`` per-example temporaries of
+        layers with ``T > 1``.
+    """
+
+    def __init__(self, dims, names=None, *, device, dtype, memory_budget: int = 2 * 2**30):
+        self.dims = [(int(i), int(o)) for i, o in dims]
+        self.names = list(names) if names is not None else [str(k) for k in range(len(dims))]
+        self.device = torch.device(device)
+        self.dtype = _compute_dtype(dtype)
+        self.memory_budget = int(memory_budget)
+        self.A = [_Sum((i, i), self.device, self.dtype, True) for i, _ in self.dims]
+        self.S = [_Sum((o, o), self.device, self.dtype, True) for _, o in self.dims]
+        self.rows = [0] * len(self.dims)  # tokens (rows of a) per layer
+        self.examples = [0] * len(self.dims)
+        self.Q_A = self.Q_S = self.eigvals_A = self.eigvals_S = None
+        self.L: list[_Sum] = []
+        self.lambda_examples = [0] * len(self.dims)
+
+    # ------------------------------------------------------------ pass 1
+    def update_covariances(self, k: int, a: torch.Tensor, s: torch.Tensor, weights=None) -> None:
+        """Add one batch of layer ``k`` to the sums of ``a a^T`` and ``s s^T``."""
+        a2 = _rows(a.to(self.dtype))
+        s2 = _rows(_weighted(s.to(self.dtype), weights))
+        A, S = self.A[k], self.S[k]
+        A.partial.addmm_(a2.mT, a2)
+        S.partial.addmm_(s2.mT, s2)
+        A.added(a2.shape[0])
+        S.added(s2.shape[0])
+        self.rows[k] += a2.shape[0]
+        self.examples[k] += a.shape[0]
+
+    def _check_finite(self, sums, what: str, stage: str) -> None:
+        for k, total in enumerate(sums):
+            value = total.total.diagonal().sum() if total.trace else total.total.sum()
+            if bool(torch.isfinite(value)):
+                continue
+            batch = total.first_bad_batch()
+            where = (
+                f"first at batch {batch} (0-based) of the {stage} pass"
+                if batch is not None
+                else "after the reduction over processes (another rank's data)"
+            )
+            raise ValueError(
+                f"The {what} of layer {self.names[k]!r} is not finite: a NaN or infinity "
+                f"appeared {where}. The inputs, targets or the loss of that batch give "
+                "non-finite values (NaN/Inf inputs, labels out of range, an overflowing "
+                "dtype); fix the data or use a wider dtype."
+            )
+
+    def finish_covariances(self, reducer=None) -> None:
+        """Check, reduce (once), normalise and eigendecompose ``A`` and ``S``."""
+        for total in (*self.A, *self.S):
+            total.fold()
+        self._check_finite(self.A, "input covariance A = E[a a^T]", "covariance")
+        self._check_finite(self.S, "output-gradient covariance S = E[s s^T]", "covariance")
+        counts = torch.tensor([*self.rows, *self.examples], dtype=torch.int64, device=self.device)
+        if reducer is not None:
+            reducer.sum_(*(t.total for t in (*self.A, *self.S)), counts)
+            self._check_finite(self.A, "input covariance A = E[a a^T]", "covariance")
+            self._check_finite(self.S, "output-gradient covariance S = E[s s^T]", "covariance")
+        n = len(self.dims)
+        self.rows = [int(c) for c in counts[:n].tolist()]
+        self.examples = [int(c) for c in counts[n:].tolist()]
+        self.Q_A, self.Q_S, self.eigvals_A, self.eigvals_S = [], [], [], []
+        for k in range(n):
+            rows = max(self.rows[k], 1)
+            for total, vals, vecs in (
+                (self.A[k], self.eigvals_A, self.Q_A),
+                (self.S[k], self.eigvals_S, self.Q_S),
+            ):
+                cov = total.total.div_(rows)
+                w, Q = torch.linalg.eigh(cov)
+                vals.append(w)
+                vecs.append(Q)
+        self.L = [_Sum((o, i), self.device, self.dtype, False) for i, o in self.dims]
+        self._QA_c = [q.to(self.dtype) for q in self.Q_A]
+        self._QS_c = [q.to(self.dtype) for q in self.Q_S]
+
+    def covariances(self, k: int):
+        """The normalised float64 ``(A, S)`` of layer ``k`` (after ``finish_covariances``)."""
+        return self.A[k].total, self.S[k].total
+
+    # ------------------------------------------------------------ pass 2
+    def update_lambda(self, k: int, a: torch.Tensor, s: torch.Tensor, weights=None) -> None:
+        """Add one batch of layer ``k`` to the sum of squared rotated gradients."""
+        if self.Q_A is None:
+            raise RuntimeError("update_lambda needs finish_covariances first.")
+        QA, QS = self._QA_c[k], self._QS_c[k]
+        a = a.to(self.dtype)
+        s = _weighted(s.to(self.dtype), weights)  # (K, b, T, d_out)
+        L = self.L[k]
+        n_k, b, t, d_out = s.shape
+        d_in = a.shape[-1]
+        if t == 1:
+            # Rank one per example: (Q_S^T s)^2 ((Q_A^T a)^2)^T, summed over
+            # examples (and the K weighted targets) as one product.
+            ra = torch.mm(a.reshape(b, d_in), QA).square_()
+            rs = torch.mm(s.reshape(n_k * b, d_out), QS).square_()
+            if n_k > 1:
+                rs = rs.reshape(n_k, b, d_out).sum(0)
+            L.partial.addmm_(rs.mT, ra)
+        else:
+            self._lambda_shared(L.partial, a, s, QA, QS)
+        L.added(b)
+        self.lambda_examples[k] += b
+
+    def _lambda_shared(self, out, a, s, QA, QS) -> None:
+        """Weight sharing (tokens, positions): ``sum_i ((S_i Q_S)^T (A_i Q_A))^2``.
+
+        Per example the gradient is ``S_i^T A_i``; rotating the factors first
+        costs ``T (d_in^2 + d_out^2 + d_out d_in)`` per example, forming the
+        gradient first ``T d_out d_in + d_out d_in (d_out + d_in)``: the
+        cheaper order is taken. Examples go in chunks whose ``(chunk, d_out,
+        d_in)`` temporaries fit ``memory_budget``.
+        """
+        n_k, b, t, d_out = s.shape
+        d_in = a.shape[-1]
+        rotate_first = t * (d_in * d_in + d_out * d_out) <= d_out * d_in * (d_out + d_in)
+        if rotate_first:
+            a = torch.matmul(a, QA)
+            s = torch.matmul(s, QS)
+        item = torch.finfo(self.dtype).bits // 8
+        chunk = max(1, min(b, self.memory_budget // (2 * item * d_out * d_in)))
+        for kk in range(n_k):
+            for start in range(0, b, chunk):
+                ac = a[start : start + chunk]
+                sc = s[kk, start : start + chunk]
+                G = torch.bmm(sc.mT, ac)  # (c, d_out, d_in)
+                if not rotate_first:
+                    G = torch.matmul(QS.mT, torch.matmul(G, QA))
+                out.add_(G.square_().sum(0))
+
+    def finish_lambda(self, reducer=None) -> list[torch.Tensor]:
+        """Check, reduce (once) and normalise ``Λ``: float64 ``(d_out, d_in)`` per layer."""
+        for total in self.L:
+            total.fold()
+        what = "eigenvalue correction Λ = E[(Q_S^T ∇W Q_A)^2]"
+        self._check_finite(self.L, what, "eigenvalue-correction")
+        counts = torch.tensor(self.lambda_examples, dtype=torch.int64, device=self.device)
+        if reducer is not None:
+            reducer.sum_(*(t.total for t in self.L), counts)
+            self._check_finite(self.L, what, "eigenvalue-correction")
+        self.lambda_examples = [int(c) for c in counts.tolist()]
+        return [t.total.div_(max(n, 1)) for t, n in zip(self.L, self.lambda_examples)]
+
+
+def ekfac_apply(Q_S: torch.Tensor, Q_A: torch.Tensor, scale: torch.Tensor, X: torch.Tensor):
+    """``Q_S ((Q_S^T X Q_A) * scale) Q_A^T`` for ``X`` of shape ``(m, d_out, d_in)``."""
+    m, d_out, d_in = X.shape
+    Y = torch.mm(X.reshape(m * d_out, d_in), Q_A).reshape(m, d_out, d_in)
+    Y = torch.matmul(Q_S.mT, Y)
+    Y.mul_(scale)
+    Y = torch.matmul(Q_S, Y)
+    return torch.mm(Y.reshape(m * d_out, d_in), Q_A.mT).reshape(m, d_out, d_in)
+
+
+# --------------------------------------------------------------------------- estimator
+class EKFACIFVP(BaseEstimator):
+    """Eigenvalue-corrected K-FAC inverse-Fisher-vector products (model mode only).
+
+    K-FAC (Martens & Grosse, 2015) approximates each layer's block of the
+    Fisher by a Kronecker product ``S ⊗ A`` of the output-gradient covariance
+    ``S = E[s s^T]`` and the input covariance ``A = E[a a^T]``; EK-FAC (George
+    et al., 2018) keeps K-FAC's eigenbasis ``Q_S ⊗ Q_A`` but refits the
+    eigenvalues to the per-example gradients,
+    ``Λ = E_i[(Q_S^T ∇W_i Q_A)^2]`` (elementwise square), which minimises the
+    Frobenius error in that basis. This is the curvature behind influence
+    functions on real networks (Grosse et al., 2023; kronfluence). The
+    inverse is applied per layer:
+
+    ``transform(V)_l = Q_S ((Q_S^T V_l Q_A) / (Λ_l + damping_l)) Q_A^T``
+
+    where ``V_l`` is the ``(d_out, d_in)`` matrix of layer ``l``'s weight with
+    its bias as the last column. Layers are independent (block-diagonal).
+
+    ``fit(model, data)`` hooks the model's ``nn.Linear`` and ``nn.Conv2d``
+    layers; the forward pass needs no change. Two passes over ``data``: the
+    covariances (then float64 eigendecompositions), then ``Λ``.
+
+    Parameters
+    ----------
+    damping : float or "auto", default=0.1
+        ``damping >= 0`` added to ``Λ``; ``"auto"``: per layer
+        ``0.1 * mean(Λ_l)``. A zero damping (given or ``"auto"`` on a layer
+        whose ``Λ`` is all zero) with a zero entry of ``Λ`` raises
+        ``ValueError`` naming the layer.
+    layers : list of str, optional
+        Names of the modules to cover (``nn.Linear`` or ``nn.Conv2d`` with
+        ``groups=1``; any other raises ``ValueError`` naming it), covered
+        whether or not their parameters are trainable. ``None``: every
+        ``nn.Linear`` and ``nn.Conv2d`` with a trainable parameter; modules
+        with trainable parameters of other types are listed in
+        ``skipped_layers_``.
+    fisher : {"empirical", "true", "expected"}, default="empirical"
+        ``"empirical"``: gradients at the data's targets. ``"true"``: at
+        targets sampled from the model's predictive distribution (built-in
+        losses; torch's global generator, ``torch.manual_seed`` makes it
+        reproducible; each pass samples afresh). ``"expected"``: the exact
+        expectation over that distribution (built-in losses; for
+        cross-entropy with ``C`` classes ``C`` backward passes per batch, ``S``
+        and ``Λ`` weighted by the class probabilities; for MSE with ``D``
+        outputs ``D`` passes), the Gauss-Newton matrix's EK-FAC.
+    loss : {"cross_entropy", "mse"} or callable, default="cross_entropy"
+        Per-example loss ``(outputs, targets) -> (batch,)``. The backward pass
+        differentiates the SUM over the batch, so ``s`` is each example's own
+        output gradient.
+    max_batches : int, optional
+        Use only the first ``max_batches`` batches of ``data`` in each pass
+        (``None``: all).
+    config : ComputeConfig, optional
+        ``device`` and ``dtype`` of the fitted state and of ``transform``;
+        ``batch_size`` when ``data`` is a tuple or a Dataset; ``progress``;
+        ``memory_budget`` bounds the per-example temporaries of weight-shared
+        layers and the chunks of ``transform``; ``distributed``.
+
+    Attributes
+    ----------
+    layers_ : list of str
+        Names of the covered modules, in model order.
+    skipped_layers_ : list of str
+        Modules with trainable parameters of an unsupported type (automatic
+        ``layers=None`` only; parameter-free modules are not listed).
+    param_shapes_ : OrderedDict
+        The weight and bias of each covered layer (full parameter names, in
+        model order): the layout of the vectors ``transform`` takes.
+    n_features_in_ : int
+        Total number of covered parameters.
+    input_eigenvectors_ : OrderedDict
+        ``layer -> Q_A`` ``(d_in, d_in)``, eigenvectors of ``A`` as columns.
+    output_eigenvectors_ : OrderedDict
+        ``layer -> Q_S`` ``(d_out, d_out)``, eigenvectors of ``S`` as columns.
+    input_eigenvalues_, output_eigenvalues_ : OrderedDict
+        ``layer ->`` eigenvalues of ``A`` and ``S`` (ascending).
+    lambdas_ : OrderedDict
+        ``layer -> Λ`` ``(d_out, d_in)``, the corrected eigenvalues: entry
+        ``(i, j)`` belongs to the eigenvector ``Q_S[:, i] ⊗ Q_A[:, j]``.
+    damping_ : list of float
+        The damping used per layer, in ``layers_`` order.
+    n_samples_ : int
+        Number of examples ``Λ`` averages over.
+
+    Notes
+    -----
+    **Conventions.** ``a`` is a layer's input with a ones column when it has a
+    bias; for ``nn.Conv2d`` the input unfolded into its ``in * kh * kw``
+    patches per output position; for inputs ``(batch, *tokens, features)``
+    every token is a row. ``A`` and ``S`` average over all rows (tokens,
+    positions) of all examples; ``Λ`` over examples, each example's
+    gradient summing over its rows. Only the eigenbases of ``A`` and ``S``
+    enter the result, so their normalisation does not matter.
+
+    **Cost.** On a layer without weight sharing each example's gradient is
+    rank one, ``s a^T``, so ``Λ`` is one product of the squared rotated
+    factors per batch, ``((S Q_S)^2)^T (A Q_A)^2``, never a per-example loop.
+    With weight sharing the per-example gradients are formed in chunks
+    (within ``memory_budget``), in the cheaper of the two orders.
+
+    **Precision.** Products run in the model's dtype (float32 for half
+    types), sums are folded into float64 every 16,384 rows, and the
+    eigendecompositions are float64. The state is then kept in
+    ``config.dtype`` (the eigenbases are orthogonal, so rounding them costs
+    no more than ``config.dtype``'s precision in the result).
+
+    **The model** runs in eval mode (dropout off, batch-norm running
+    statistics) and is left as it was: mode restored, hooks removed (also
+    when fit fails), parameters, ``requires_grad`` and ``.grad`` untouched.
+    Floating-point inputs are cast to the model's dtype. A NaN or infinity in
+    a covariance raises ``ValueError`` naming the layer and the first batch
+    where it appeared, before any eigendecomposition. ``data`` must allow two
+    passes: a generator raises ``ValueError``.
+
+    **The seed's reference** (dattri 0.1.0 ``ifvp_at_x_ekfac``) rotates with
+    ``Q_S @ V @ Q_A.T`` on eigenvector columns, the transpose of the basis;
+    here the rotation is ``Q_S^T V Q_A`` and is tested against the dense
+    definition.
+
+    References
+    ----------
+    .. [1] J. Martens and R. Grosse, "Optimizing Neural Networks with
+       Kronecker-factored Approximate Curvature", ICML 2015.
+    .. [2] T. George, C. Laurent, X. Bouthillier, N. Ballas and P. Vincent,
+       "Fast Approximate Natural Gradient Descent in a Kronecker-factored
+       Eigenbasis", NeurIPS 2018.
+    .. [3] R. Grosse et al., "Studying Large Language Model Generalization
+       with Influence Functions", arXiv:2308.03296, 2023.
+
+    Examples
+    --------
+    >>> import torch
+    >>> import attribkit as ak
+    >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+    <torch._C.Generator object at ...>
+    >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    >>> X, y = torch.randn(64, 4), torch.randint(0, 3, (64,))
+    >>> ekfac = ak.EKFACIFVP(damping=0.1).fit(model, (X, y))
+    >>> ekfac.layers_, list(ekfac.param_shapes_)
+    (['0', '2'], ['0.weight', '0.bias', '2.weight', '2.bias'])
+    >>> grads = ak.per_example_gradients(model, (X[:5], y[:5]), flatten=False)
+    >>> {k: tuple(v.shape) for k, v in ekfac.transform(grads).items()}
+    {'0.weight': (5, 8, 4), '0.bias': (5, 8), '2.weight': (5, 3, 8), '2.bias': (5, 3)}
+    >>> V = torch.randn(2, ekfac.n_features_in_)
+    >>> torch.allclose(ekfac.inverse_transform(ekfac.transform(V)), V, atol=1e-4)
+    True
+    """
+
+    _array_mode = (
+        "EK-FAC needs each layer's inputs and output gradients, which per-example "
+        "gradients alone do not give (a gradient s a^T does not determine a a^T and s s^T)."
+    )
+    _transient = ("_scales",)
+
+    def __init__(
+        self,
+        damping: float | str = 0.1,
+        layers: list[str] | None = None,
+        fisher: str = "empirical",
+        loss="cross_entropy",
+        max_batches: int | None = None,
+        config: ComputeConfig | None = None,
+    ):
+        self.damping = damping
+        self.layers = layers
+        self.fisher = fisher
+        self.loss = loss
+        self.max_batches = max_batches
+        self.config = config
+
+    # ------------------------------------------------------------------ params
+    def _check_params(self) -> None:
+        if isinstance(self.damping, str):
+            if self.damping != "auto":
+                raise V.param_error(self, "damping", "a float >= 0 or 'auto'", self.damping)
+        else:
+            if isinstance(self.damping, bool) or not isinstance(self.damping, numbers.Real):
+                raise V.param_error(self, "damping", "a float >= 0 or 'auto'", self.damping)
+            if not math.isfinite(float(self.damping)) or float(self.damping) < 0:
+                raise V.param_error(self, "damping", "a float >= 0 or 'auto'", self.damping)
+        if self.layers is not None and (
+            isinstance(self.layers, str)
+            or not all(isinstance(n, str) for n in self.layers)
+            or not list(self.layers)
+        ):
+            raise V.param_error(
+                self, "layers", "None or a non-empty list of module names", self.layers
+            )
+        V.check_fisher(self, self.fisher)
+        V.check_loss(self, self.loss)
+        if self.max_batches is not None:
+            V.check_int(self, "max_batches", self.max_batches, minimum=1)
+
+    # ------------------------------------------------------------------ fit
+    def _fit_model(self, model, data, config: ComputeConfig) -> None:
+        if self.fisher in ("true", "expected") and callable(self.loss):
+            raise ValueError(
+                f"The 'fisher' parameter of EKFACIFVP is {self.fisher!r}, which takes targets "
+                "from the model's predictive distribution and is supported for "
+                "loss='cross_entropy' and loss='mse' only. Got the custom loss "
+                f"{self.loss!r}; use fisher='empirical'."
+            )
+        if isinstance(data, Iterator):
+            raise ValueError(
+                "The 'data' argument of EKFACIFVP must allow two passes (covariances, then "
+                f"eigenvalue corrections). Got a one-pass iterator ({type(data).__name__}, e.g. "
+                "a generator); pass a DataLoader, a Dataset, a tuple (inputs, targets) or a "
+                "list of batches."
+            )
+        layers, skipped = resolve_layers(model, self.layers, self)
+        self._set_layout(param_layout(layers))
+        self.layers_ = [layer.name for layer in layers]
+        self.skipped_layers_ = list(skipped)
+        device, dtype = model_device(model), model_dtype(model) or torch.float32
+        stats = EKFACStatistics(
+            [(layer.d_in, layer.d_out) for layer in layers],
+            self.layers_,
+            device=device,
+            dtype=dtype,
+            memory_budget=config.memory_budget,
+        )
+        with _EvalMode(model), LayerCapture(model, layers, self) as capture:
+            for pairs in self._batches(model, data, capture, config, device, dtype, "covariances"):
+                for k, (a, s, w) in enumerate(pairs):
+                    stats.update_covariances(k, a, s, w)
+            stats.finish_covariances(make_reducer(config, "EKFACIFVP.fit"))
+            for pairs in self._batches(
+                model, data, capture, config, device, dtype, "eigenvalue correction"
+            ):
+                for k, (a, s, w) in enumerate(pairs):
+                    stats.update_lambda(k, a, s, w)
+            lambdas = stats.finish_lambda(make_reducer(config, "EKFACIFVP.fit"))
+        self._store(stats, lambdas, layers)
+
+    def _batches(self, model, data, capture, config, device, dtype, stage):
+        """Per batch: one ``(a, s, weights)`` per layer (weights None unless expected)."""
+        loss_fn = resolve_loss(self.loss, self)
+        checked = False
+        batches = iter_batches(data, config, device=device, dtype=dtype, desc=f"EKFACIFVP {stage}")
+        for index, (inputs, targets) in enumerate(batches):
+            if self.max_batches is not None and index >= self.max_batches:
+                break
+            with torch.enable_grad():
+                outputs = call_model(model, inputs)
+                if not isinstance(outputs, torch.Tensor):
+                    raise ValueError(
+                        "The model given to EKFACIFVP must return a tensor of outputs for the "
+                        f"loss. Got {type(outputs).__name__}."
+                    )
+                if not checked:
+                    _check_loss_output(loss_fn, outputs.detach(), targets, self)
+                    checked = True
+                if self.fisher == "expected":
+                    all_targets, weights = expected_targets(outputs, self.loss)
+                    K = all_targets.shape[0]
+                    per_target = []
+                    for k in range(K):
+                        loss = loss_fn(outputs, all_targets[k]).sum()
+                        per_target.append(capture.backward(loss, retain_graph=k < K - 1))
+                    yield [
+                        (per_target[0][j][0], torch.stack([p[j][1] for p in per_target]), weights)
+                        for j in range(len(per_target[0]))
+                    ]
+                    continue
+                if self.fisher == "true":
+                    targets = sample_targets(outputs, self.loss)
+                pairs = capture.backward(loss_fn(outputs, targets).sum())
+            yield [(a, s, None) for a, s in pairs]
+
+    def _store(self, stats: EKFACStatistics, lambdas, layers) -> None:
+        device, dtype = self._device, self._config.torch_dtype
+        damping = []
+        for name, lam in zip(self.layers_, lambdas):
+            if self.damping == "auto":
+                value = 0.1 * float(lam.mean())
+            else:
+                value = float(self.damping)
+            if value == 0.0 and bool((lam <= 0).any()):
+                raise ValueError(
+                    f"EKFACIFVP cannot invert layer {name!r}: its eigenvalue correction Λ has "
+                    f"zero entries and the damping is 0 (damping={self.damping!r}; 'auto' is "
+                    "0.1 x mean(Λ), which is 0 when the layer's gradients are all zero). Pass "
+                    "a float damping > 0, or leave the layer out (layers=[...])."
+                )
+            damping.append(value)
+        self.damping_ = damping
+        self.n_samples_ = int(stats.lambda_examples[0]) if stats.lambda_examples else 0
+
+        def keep(tensors):
+            return OrderedDict(
+                (n, t.to(device=device, dtype=dtype)) for n, t in zip(self.layers_, tensors)
+            )
+
+        self.input_eigenvectors_ = keep(stats.Q_A)
+        self.output_eigenvectors_ = keep(stats.Q_S)
+        self.input_eigenvalues_ = keep(stats.eigvals_A)
+        self.output_eigenvalues_ = keep(stats.eigvals_S)
+        self.lambdas_ = keep(lambdas)
+        # Plain data only: no module reference is kept (pickles carry no model).
+        self._blocks = [
+            (layer.weight_name, layer.bias_name, layer.weight_shape, layer.d_in, layer.d_out)
+            for layer in layers
+        ]
+
+    # ------------------------------------------------------------------ transform
+    def _init_transient(self) -> None:
+        self._scales = {}
+
+    def _scale(self, k: int, inverse: bool) -> torch.Tensor:
+        key = (k, inverse)
+        if key not in self._scales:
+            name = self.layers_[k]
+            lam = self.lambdas_[name].to(self._work_dtype) + self.damping_[k]
+            self._scales[key] = lam if inverse else lam.reciprocal()
+        return self._scales[key]
+
+    @property
+    def _work_dtype(self) -> torch.dtype:
+        return _compute_dtype(self._config.torch_dtype)
+
+    def _transform(self, V: torch.Tensor) -> torch.Tensor:
+        return self._apply_blocks(V, inverse=False)
+
+    def inverse_transform(self, vectors):
+        """Multiply by the EK-FAC curvature, ``Q_S ((Q_S^T V Q_A) * (Λ + damping)) Q_A^T``.
+
+        Parameters
+        ----------
+        vectors : ndarray, torch.Tensor of shape (m, n_features), or dict
+            Flat vectors, or a dict ``name -> (m, *shape)`` keyed like
+            ``param_shapes_``.
+
+        Returns
+        -------
+        ndarray, torch.Tensor or dict
+            Same container and shapes as ``vectors``, in ``config.dtype``;
+            ``inverse_transform(transform(V))`` is ``V`` to rounding.
+        """
+        return self._apply(
+            vectors, lambda V: self._apply_blocks(V, inverse=True), same_layout=True
+        )
+
+    def _apply_blocks(self, V: torch.Tensor, inverse: bool) -> torch.Tensor:
+        work = self._work_dtype
+        V = V.to(work)
+        m = V.shape[0]
+        out = torch.empty_like(V)
+        start = 0
+        item = torch.finfo(work).bits // 8
+        for k, (_, bias_name, wshape, d_in, d_out) in enumerate(self._blocks):
+            name = self.layers_[k]
+            QA = self.input_eigenvectors_[name].to(work)
+            QS = self.output_eigenvectors_[name].to(work)
+            scale = self._scale(k, inverse)
+            n_w = math.prod(wshape)
+            size = n_w + (d_out if bias_name is not None else 0)
+            # Two (chunk, d_out, d_in) temporaries at a time.
+            chunk = max(1, min(m, self._config.memory_budget // (2 * item * d_out * d_in)))
+            for r in range(0, m, chunk):
+                block = V[r : r + chunk, start : start + size]
+                c = block.shape[0]
+                if bias_name is not None:
+                    X = torch.empty(c, d_out, d_in, dtype=work, device=V.device)
+                    X[:, :, :-1] = block[:, :n_w].reshape(c, d_out, d_in - 1)
+                    X[:, :, -1] = block[:, n_w:]
+                else:
+                    X = block.reshape(c, d_out, d_in)
+                Y = ekfac_apply(QS, QA, scale, X)
+                dest = out[r : r + chunk, start : start + size]
+                if bias_name is not None:
+                    dest[:, :n_w].view(c, d_out, d_in - 1).copy_(Y[:, :, :-1])
+                    dest[:, n_w:].copy_(Y[:, :, -1])
+                else:
+                    dest.copy_(Y.reshape(c, size))
+            start += size
+        return out
