@@ -5,7 +5,7 @@ from ._gradients import per_example_gradients
 from ._scores import influence, self_influence
 from .base import BaseEstimator
 from .config import ComputeConfig
-from .ifvp import DataInfIFVP, ExplicitIFVP
+from .ifvp import DataInfIFVP, EKFACIFVP, ExplicitIFVP
 from .projection import ArnoldiProjector, RandomProjector
 
 __version__ = "0.1.0"
@@ -19,6 +19,7 @@ __all__ = [
     "ArnoldiProjector",
     "ExplicitIFVP",
     "DataInfIFVP",
+    "EKFACIFVP",
     # helpers
     "per_example_gradients",
     "influence",
