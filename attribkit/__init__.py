@@ -6,7 +6,7 @@ from ._scores import influence, self_influence
 from .base import BaseEstimator
 from .config import ComputeConfig
 from .ifvp import DataInfIFVP, EKFACIFVP, ExplicitIFVP
-from .projection import ArnoldiProjector, RandomProjector
+from .projection import ArnoldiProjector, KroneckerProjector, RandomProjector
 
 __version__ = "0.1.0"
 
@@ -17,6 +17,7 @@ __all__ = [
     "BaseEstimator",
     "RandomProjector",
     "ArnoldiProjector",
+    "KroneckerProjector",
     "ExplicitIFVP",
     "DataInfIFVP",
     "EKFACIFVP",

@@ -11,6 +11,7 @@ import math
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.func import functional_call, grad, vmap
@@ -428,6 +429,168 @@ def param_shapes(selected: OrderedDict) -> OrderedDict:
     return OrderedDict((n, tuple(p.shape)) for n, p in selected.items())
 
 
+def _known_length(data) -> int | None:
+    """Number of examples ``data`` will yield, when it can be told without iterating."""
+    from torch.utils.data import DataLoader, Dataset
+
+    from ._data import _as_tensor, _is_pair_of_arrays, batch_len
+
+    try:
+        if _is_pair_of_arrays(data):
+            return int(batch_len(_as_tensor(data[0])))
+        if isinstance(data, DataLoader):
+            if data.batch_size is None:  # a custom batch_sampler: sizes unknown
+                return None
+            size = len(data.sampler)
+            return size - size % data.batch_size if data.drop_last else size
+        if isinstance(data, Dataset):
+            return len(data)
+    except TypeError:  # no __len__ (an IterableDataset, say)
+        return None
+    return None
+
+
+def _n_outputs(projector, n_features: int) -> int:
+    """Width ``k`` of the projector's output, preferably without running it."""
+    k = getattr(projector, "_n_features_out", None)
+    if k is None and isinstance(getattr(projector, "proj_dim", None), int):
+        from .projection import RandomProjector
+
+        if isinstance(projector, RandomProjector):
+            k = projector.proj_dim
+    if k is None:  # any other transformer: one zero row tells
+        probe = projector.transform(torch.zeros(1, n_features, dtype=torch.float64))
+        k = int(probe.shape[1])
+    return int(k)
+
+
+def _projector_params(model, projector, params) -> tuple[list | None, int]:
+    """Parameters to differentiate for ``projector`` and the feature count it expects.
+
+    A projector fitted on a model names its parameters in ``param_shapes_``:
+    they are differentiated (``params`` may repeat them, in any order). One
+    fitted on arrays (or any other transformer) takes the flat gradients of
+    ``params`` (default: all trainable), whose count must be its
+    ``n_features_in_``.
+    """
+    from sklearn.utils.validation import check_is_fitted
+
+    if not hasattr(projector, "transform"):
+        raise TypeError(
+            "The 'projector' argument of per_example_gradients must be a fitted transformer "
+            f"(RandomProjector, KroneckerProjector, ...). Got {type(projector).__name__} instead."
+        )
+    check_is_fitted(projector)
+    named = dict(model.named_parameters())
+    shapes = getattr(projector, "param_shapes_", None)
+    if shapes and all(k in named for k in shapes):
+        wrong = {k: (tuple(s), tuple(named[k].shape)) for k, s in shapes.items()}
+        wrong = {k: v for k, v in wrong.items() if v[0] != v[1]}
+        if wrong:
+            raise ValueError(
+                f"The 'projector' of per_example_gradients was fitted on parameters of other "
+                f"shapes than the model's: {wrong} (fitted, model)."
+            )
+        if params is not None and set(params) != set(shapes):
+            raise ValueError(
+                "The 'params' argument of per_example_gradients must name the parameters "
+                f"the projector was fitted on ({list(shapes)}) or be None. Got {params!r}."
+            )
+        return list(shapes), int(sum(math.prod(s) for s in shapes.values()))
+    n_in = getattr(projector, "n_features_in_", None)
+    selected = select_params(model, params, "per_example_gradients")
+    p = int(sum(q.numel() for q in selected.values()))
+    if n_in is not None and int(n_in) != p:
+        raise ValueError(
+            f"The 'projector' of per_example_gradients expects {n_in} features, but the "
+            f"gradients of the selected parameters have {p}. Fit the projector on the model "
+            "or choose matching 'params'."
+        )
+    return (None if params is None else list(params)), p
+
+
+_NUMPY_DTYPES = {
+    torch.float16: np.float16,
+    torch.float32: np.float32,
+    torch.float64: np.float64,
+}
+
+
+class _Rows:
+    """The ``(n, k)`` result: filled batch by batch into ``out``, or collected."""
+
+    def __init__(self, out, n: int | None, k: int, config: ComputeConfig):
+        self.out, self.n, self.k, self.filled = out, n, k, 0
+        self.dtype, self.device = config.torch_dtype, config.torch_device
+        self.chunks: list[torch.Tensor] = []
+        if out is not None:
+            self._check()
+
+    def _check(self) -> None:
+        out, name = self.out, "The 'out' argument of per_example_gradients"
+        if isinstance(out, np.ndarray):
+            want = _NUMPY_DTYPES.get(self.dtype)
+            if want is None:
+                raise ValueError(
+                    f"{name} cannot be a numpy array under config.dtype={self.dtype}: numpy "
+                    "has no such dtype. Pass a torch tensor or use another config.dtype."
+                )
+            if out.dtype != want:
+                raise ValueError(
+                    f"{name} must have dtype {np.dtype(want).name} (config.dtype). Got "
+                    f"{out.dtype.name} instead; pass config=ComputeConfig(dtype=...) to match."
+                )
+            if not out.flags.writeable:
+                raise ValueError(f"{name} must be writeable (a memmap opened with mode 'r'?).")
+        elif isinstance(out, torch.Tensor):
+            if out.dtype != self.dtype:
+                raise ValueError(
+                    f"{name} must have dtype {self.dtype} (config.dtype). Got {out.dtype} "
+                    "instead; pass config=ComputeConfig(dtype=...) to match."
+                )
+            if out.requires_grad:
+                raise ValueError(f"{name} must not require grad.")
+        else:
+            raise TypeError(
+                f"{name} must be a numpy array (np.memmap included) or a torch tensor. "
+                f"Got {type(out).__name__} instead."
+            )
+        shape = tuple(out.shape)
+        expected = f"({'n' if self.n is None else self.n}, {self.k})"
+        if len(shape) != 2 or shape[1] != self.k or (self.n is not None and shape[0] != self.n):
+            raise ValueError(f"{name} must have shape {expected}. Got {shape} instead.")
+
+    def add(self, rows: torch.Tensor) -> None:
+        b = rows.shape[0]
+        if self.out is None:
+            self.chunks.append(rows.to(device=self.device, dtype=self.dtype))
+        else:
+            stop = self.filled + b
+            if stop > self.out.shape[0]:
+                raise ValueError(
+                    f"The 'out' argument of per_example_gradients has {self.out.shape[0]} rows "
+                    f"but 'data' yields more examples (at least {stop})."
+                )
+            rows = rows.detach().to(dtype=self.dtype)
+            if isinstance(self.out, np.ndarray):
+                self.out[self.filled : stop] = rows.cpu().numpy()
+            else:
+                self.out[self.filled : stop].copy_(rows)
+        self.filled += b
+
+    def result(self):
+        if self.out is None:
+            return torch.cat(self.chunks)
+        if self.filled != self.out.shape[0]:
+            raise ValueError(
+                f"The 'out' argument of per_example_gradients has {self.out.shape[0]} rows "
+                f"but 'data' yielded {self.filled} examples (rows {self.filled}: are unset)."
+            )
+        if isinstance(self.out, np.memmap):
+            self.out.flush()
+        return self.out
+
+
 def per_example_gradients(
     model: torch.nn.Module,
     data,
@@ -435,6 +598,8 @@ def per_example_gradients(
     params=None,
     config: ComputeConfig | None = None,
     flatten: bool = True,
+    projector=None,
+    out=None,
 ):
     """Per-example gradients of the loss with respect to the model's parameters.
 
@@ -449,17 +614,42 @@ def per_example_gradients(
         Per-example loss; a callable takes ``(outputs, targets)`` and returns
         losses of shape ``(batch,)``.
     params : list of str, optional
-        Names of the parameters to differentiate (default: all trainable).
+        Names of the parameters to differentiate (default: all trainable, or
+        the parameters a model-fitted ``projector`` was fitted on).
     config : ComputeConfig, optional
         ``dtype`` and ``device`` of the result; ``batch_size``; ``progress``.
+        Default: the projector's config when ``projector`` is an attribkit
+        estimator, else ``ComputeConfig()``.
     flatten : bool, default=True
         Return one ``(n, p)`` tensor (parameters flattened and concatenated
-        in model order) instead of a dict ``name -> (n, *shape)``.
+        in model order) instead of a dict ``name -> (n, *shape)``. Must be
+        True with ``projector`` or ``out``.
+    projector : fitted transformer, optional
+        Each batch of gradients is projected before it is kept, so memory is
+        one batch of gradients plus the ``(n, k)`` result. A
+        :class:`~attribkit.RandomProjector` or other transformer fitted on
+        the model differentiates the parameters it was fitted on; one fitted
+        on arrays (or any fitted scikit-learn transformer) takes the flat
+        gradients of ``params``, which must have its ``n_features_in_``
+        entries. A :class:`~attribkit.KroneckerProjector` never forms
+        per-example gradients: hooks capture each covered layer's inputs and
+        output gradients and only their projections are multiplied.
+    out : ndarray, np.memmap or torch.Tensor of shape (n, k), optional
+        Preallocated result (``k = p`` without a projector) in
+        ``config.dtype``, filled batch by batch and returned: for results
+        larger than memory, e.g. ``np.lib.format.open_memmap(path, mode="w+",
+        dtype="float32", shape=(n, k))``. Its type, ``ndim``, ``k``, dtype and
+        (when ``data`` has a length: a tuple, a Dataset, a DataLoader with a
+        sized sampler) ``n`` are checked before any work. For data of unknown
+        length, a batch that would overflow ``out`` raises at once and too few
+        examples raise at the end (the rows written stay written). A memmap
+        is flushed before it is returned.
 
     Returns
     -------
-    torch.Tensor or dict
-        ``(n, p)`` tensor, or a dict of ``(n, *shape)`` tensors.
+    torch.Tensor, dict, or ``out``
+        ``(n, p)`` tensor, a dict of ``(n, *shape)`` tensors, ``(n, k)``
+        projections, or ``out`` itself, filled.
 
     Examples
     --------
@@ -468,7 +658,12 @@ def per_example_gradients(
     >>> X, y = torch.randn(5, 3), torch.tensor([0, 1, 1, 0, 1])
     >>> ak.per_example_gradients(model, (X, y)).shape
     torch.Size([5, 8])
+    >>> proj = ak.RandomProjector(proj_dim=4).fit(model)
+    >>> ak.per_example_gradients(model, (X, y), projector=proj).shape
+    torch.Size([5, 4])
     """
+    if config is None and projector is not None:
+        config = getattr(projector, "_config", None)
     config = V.check_config("per_example_gradients", config)
     if not isinstance(model, torch.nn.Module):
         raise TypeError(
@@ -476,11 +671,221 @@ def per_example_gradients(
             f"Got {type(model).__name__} instead."
         )
     device, dtype = config.torch_device, config.torch_dtype
-    chunks: dict[str, list] = {}
-    for grads in iter_gradients(model, data, loss=loss, params=params, config=config):
-        for n, g in grads.items():
-            chunks.setdefault(n, []).append(g.to(device=device, dtype=dtype))
-    out = OrderedDict((n, torch.cat(c)) for n, c in chunks.items())
-    if flatten:
-        return torch.cat([g.reshape(g.shape[0], -1) for g in out.values()], dim=1)
-    return out
+    if projector is None and out is None:
+        chunks: dict[str, list] = {}
+        for grads in iter_gradients(model, data, loss=loss, params=params, config=config):
+            for n, g in grads.items():
+                chunks.setdefault(n, []).append(g.to(device=device, dtype=dtype))
+        result = OrderedDict((n, torch.cat(c)) for n, c in chunks.items())
+        if flatten:
+            return torch.cat([g.reshape(g.shape[0], -1) for g in result.values()], dim=1)
+        return result
+    if not flatten:
+        raise ValueError(
+            "The 'flatten' argument of per_example_gradients must be True when 'projector' or "
+            "'out' is given (the result is one (n, k) array). Got False."
+        )
+    if projector is None:
+        p = sum(q.numel() for q in select_params(model, params, "per_example_gradients").values())
+        rows = _Rows(out, _known_length(data), p, config)
+        for grads in iter_gradients(model, data, loss=loss, params=params, config=config):
+            rows.add(torch.cat([g.reshape(g.shape[0], -1) for g in grads.values()], dim=1))
+        return rows.result()
+    if hasattr(projector, "_iter_projected"):
+        # Projectors that never form per-example gradients (KroneckerProjector).
+        batches, k = projector._iter_projected(
+            model, data, loss=loss, params=params, config=config
+        )
+        rows = _Rows(out, _known_length(data), k, config)
+        for projected in batches:
+            rows.add(projected)
+        return rows.result()
+    names, p = _projector_params(model, projector, params)
+    k = _n_outputs(projector, p)
+    rows = _Rows(out, _known_length(data), k, config)
+    from .base import BaseEstimator
+
+    ours = isinstance(projector, BaseEstimator)
+    for grads in iter_gradients(model, data, loss=loss, params=names, config=config):
+        # In the projector's layout order (a dict-fitted one may differ from model order).
+        order = names or list(grads)
+        flat = torch.cat([grads[n].reshape(grads[n].shape[0], -1) for n in order], dim=1)
+        if ours:
+            projected = projector.transform(flat)
+        else:  # a scikit-learn transformer: numpy in, numpy out
+            projected = torch.as_tensor(np.asarray(projector.transform(flat.cpu().numpy())))
+        rows.add(projected)
+    return rows.result()
+
+
+# --------------------------------------------------------------------------- HVPs
+HVP_MODES = ("rev-fwd", "rev-rev")
+
+
+class MeanLossHVP:
+    """Curvature-vector products ``v -> (H + damping I) v`` of the mean loss over ``data``.
+
+    ``H`` is the Hessian, in the selected parameters, of the mean loss
+    ``(1/n) sum_i loss_i`` over all ``n`` examples ``data`` yields. Each call
+    streams over ``data`` once, so the data set never has to fit in memory:
+    per batch ``b`` it adds the Hessian-vector product of the batch's *summed*
+    loss (``|b|`` times its mean, so a ragged last batch weighs exactly what
+    its examples weigh) to a float64 sum, with the example count in one more
+    entry of the same tensor. That one tensor is all-reduced over processes
+    (:func:`attribkit._distributed.reducer`: one collective per call, a no-op
+    in one process) and only then divided by the count, so every rank gets
+    the product of the union of the shards.
+
+    The model runs through ``torch.func.functional_call`` with detached copies
+    of its parameters, in eval mode (mode restored after every pass; the
+    parameters' ``requires_grad`` is never touched). Floating-point inputs and
+    targets are cast to the parameters' dtype.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The model; its parameters and buffers are captured at construction.
+    data : DataLoader, Dataset, tuple (inputs, targets) or re-iterable of batches
+        Iterated once per call; a one-shot iterator (a generator) is refused.
+    loss : {"cross_entropy", "mse"} or callable
+        The per-example loss, as everywhere in attribkit.
+    params : list of str, optional
+        The parameters ``H`` is taken over (default: all trainable).
+    mode : {"rev-fwd", "rev-rev"}
+        ``"rev-fwd"``: ``torch.func.jvp`` of the reverse-mode gradient
+        (forward-over-reverse, the cheaper one); ``"rev-rev"``:
+        ``torch.func.vjp`` of the gradient (reverse-over-reverse, for
+        operators without forward-mode rules). Both give the same values to
+        rounding.
+    damping : float
+        ``damping * v`` is added to the product (in float64).
+    config : ComputeConfig
+        ``batch_size`` for tuple/Dataset data and ``distributed``; progress
+        bars of the passes are left to the caller.
+    owner : str or estimator
+        Named in error messages.
+
+    Attributes
+    ----------
+    param_shapes : OrderedDict
+        ``name -> shape`` of the selected parameters (model order).
+    n_features : int
+        Their total size ``p``.
+    dtype, device
+        The parameters' dtype and device, where the products are computed.
+    n_samples : int or None
+        The (all-reduced) example count, known after the first call; a later
+        pass that sees another count raises ``ValueError``.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        data,
+        *,
+        loss="cross_entropy",
+        params=None,
+        mode: str = "rev-fwd",
+        damping: float = 0.0,
+        config: ComputeConfig,
+        owner="hvp",
+    ):
+        import dataclasses
+
+        from ._distributed import reducer
+
+        V.check_option(owner, "mode", mode, HVP_MODES)
+        self.loss_fn = resolve_loss(loss, owner)
+        if isinstance(data, Iterator):
+            raise ValueError(
+                f"{V._owner(owner)} passes over 'data' once per Hessian-vector product, so "
+                f"'data' must be re-iterable. Got a one-shot iterator ({type(data).__name__}); "
+                "pass a DataLoader, a Dataset, a tuple (inputs, targets) or a list of batches."
+            )
+        selected = select_params(model, params, owner)
+        self.model, self.data, self.mode, self.owner = model, data, mode, owner
+        self.damping = float(damping)
+        self.param_shapes = param_shapes(selected)
+        self.n_features = sum(p.numel() for p in selected.values())
+        self._sel = OrderedDict((n, p.detach()) for n, p in selected.items())
+        frozen = {n: p.detach() for n, p in model.named_parameters() if n not in self._sel}
+        frozen.update(dict(model.named_buffers()))
+        self._frozen = frozen
+        self.device = next(iter(self._sel.values())).device
+        self.dtype = next(iter(self._sel.values())).dtype
+        # One bar for the caller's iterations, not one per pass over the data.
+        self._config = dataclasses.replace(config, progress=False)
+        self._reducer = reducer(config, V._owner(owner))
+        self._checked = False
+        self.n_samples: int | None = None
+
+    def _batch_hvp(self, inputs, targets, tangents: dict) -> dict:
+        """``H_b v`` for the summed loss of one batch."""
+        model, frozen, loss_fn = self.model, self._frozen, self.loss_fn
+
+        def batch_loss(sel):
+            return loss_fn(_call(model, {**frozen, **sel}, inputs), targets).sum()
+
+        gradient = grad(batch_loss)
+        if self.mode == "rev-fwd":
+            from torch.func import jvp
+
+            return jvp(gradient, (self._sel,), (tangents,))[1]
+        from torch.func import vjp
+
+        _, pullback = vjp(gradient, self._sel)
+        return pullback(tangents)[0]
+
+    def __call__(self, v: torch.Tensor) -> torch.Tensor:
+        """``(H + damping I) v`` for a flat ``(p,)`` vector, in float64 on ``v``'s device."""
+        if v.shape != (self.n_features,):
+            raise ValueError(
+                f"{V._owner(self.owner)}: a Hessian-vector product takes a flat vector of "
+                f"shape ({self.n_features},). Got {tuple(v.shape)}."
+            )
+        vec = v.detach().to(device=self.device, dtype=self.dtype)
+        tangents, start = OrderedDict(), 0
+        for name, shape in self.param_shapes.items():
+            size = math.prod(shape)
+            tangents[name] = vec[start : start + size].reshape(shape)
+            start += size
+        # The weighted sum and the count travel in one tensor: one all-reduce.
+        total = torch.zeros(self.n_features + 1, dtype=torch.float64, device=self.device)
+        batches = iter_batches(self.data, self._config, device=self.device, dtype=self.dtype)
+        with _EvalMode(self.model):
+            for inputs, targets in batches:
+                if not self._checked:
+                    state = {**self._frozen, **self._sel}
+                    with torch.no_grad():
+                        outputs = _first_call(self.model, state, inputs, targets, self.owner)
+                    _check_loss_output(self.loss_fn, outputs, targets, self.owner)
+                    self._checked = True
+                try:
+                    hv = self._batch_hvp(inputs, targets, tangents)
+                except (RuntimeError, NotImplementedError) as exc:
+                    if self.mode != "rev-fwd":
+                        raise
+                    raise RuntimeError(
+                        f"{V._owner(self.owner)}: the forward-over-reverse Hessian-vector "
+                        f"product (mode='rev-fwd') failed with {type(exc).__name__}: {exc}\n"
+                        "Some operators have no forward-mode rule; use mode='rev-rev'."
+                    ) from exc
+                offset = 0
+                for name in self.param_shapes:
+                    block = hv[name].reshape(-1)
+                    total[offset : offset + block.numel()] += block.to(torch.float64)
+                    offset += block.numel()
+                total[-1] += batch_len(inputs)
+        self._reducer.sum_(total)
+        count = round(float(total[-1]))
+        if self.n_samples is None:
+            self.n_samples = count
+        elif count != self.n_samples:
+            raise ValueError(
+                f"{V._owner(self.owner)}: 'data' yielded {count} examples in one pass and "
+                f"{self.n_samples} in the first; every pass must see the same data."
+            )
+        out = total[:-1].div_(count)
+        if self.damping:
+            out.add_(v.detach().to(device=self.device, dtype=torch.float64), alpha=self.damping)
+        return out.to(v.device)

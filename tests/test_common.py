@@ -39,6 +39,11 @@ FACTORIES = {
         damping=0.1, solver="woodbury", config=config
     ),
     "DataInfIFVP": lambda config=None: ak.DataInfIFVP(config=config),
+    # damping=1 makes the test MLP's indefinite Hessian (eigenvalues >= -0.59)
+    # positive definite, so model mode keeps all proj_dim directions too.
+    "ArnoldiProjector": lambda config=None: ak.ArnoldiProjector(
+        proj_dim=6, damping=1.0, config=config
+    ),
 }
 IFVPS = {"ExplicitIFVP", "ExplicitIFVP-woodbury", "DataInfIFVP"}
 NAMES = list(FACTORIES)
@@ -74,7 +79,8 @@ EXPECTED_FAILED = {
 
 
 @parametrize_with_checks(
-    [*(make(n) for n in NAMES), ak.RandomProjector()],  # and the defaults, proj_dim=512
+    # and the defaults: RandomProjector's proj_dim=512, ArnoldiProjector's damping=0
+    [*(make(n) for n in NAMES), ak.RandomProjector(), ak.ArnoldiProjector()],
     expected_failed_checks=lambda est: EXPECTED_FAILED,
 )
 def test_sklearn_estimator_checks(estimator, check):

@@ -1,5 +1,7 @@
-"""Projections of gradient features: random (JL) and Arnoldi."""
+"""Projections of gradient features: random (JL), Kronecker-structured (LoGra) and Arnoldi."""
 
+from .arnoldi import ArnoldiProjector
+from .kronecker import KroneckerProjector
 from .random import RandomProjector
 
-__all__ = ["RandomProjector"]
+__all__ = ["RandomProjector", "ArnoldiProjector", "KroneckerProjector"]

@@ -1,0 +1,437 @@
+"""ArnoldiProjector against dense truths: the Hessian by torch.func.hessian, G^T G / n by eigh."""
+
+from __future__ import annotations
+
+import math
+import pickle
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from cases import classification_data, mlp, regression_data
+from reference import assert_close
+from torch.func import functional_call, hessian
+from torch.utils.data import DataLoader, TensorDataset
+
+import attribkit as ak
+import attribkit._distributed as dist_mod
+from attribkit.projection.arnoldi import eigenpairs, gram_matvec, lanczos, ritz_pairs
+
+F64 = ak.ComputeConfig(dtype="float64")
+#: The test MLP has 39 parameters; its Hessian has 5 zero eigenvalues and is indefinite.
+P = 39
+
+
+def dense_hessian(model, X, y, loss="cross_entropy", params=None):
+    """Hessian of the mean loss over (X, y) in the named parameters (model order), float64."""
+    named = dict(model.named_parameters())
+    names = [n for n in named if params is None or n in params]
+    shapes = [named[n].shape for n in names]
+    fixed = {n: p.detach() for n, p in named.items() if n not in names}
+    flat = torch.cat([named[n].detach().reshape(-1) for n in names])
+
+    def f(v):
+        state, i = dict(fixed), 0
+        for n, s in zip(names, shapes):
+            state[n] = v[i : i + s.numel()].reshape(s)
+            i += s.numel()
+        out = functional_call(model, state, (X,))
+        if loss == "mse":
+            return torch.nn.functional.mse_loss(out, y)
+        return torch.nn.functional.cross_entropy(out, y)
+
+    return hessian(f)(flat)
+
+
+def top_by_magnitude(A, k):
+    values, vectors = torch.linalg.eigh(A)
+    order = torch.argsort(values.abs(), descending=True)[:k]
+    return values[order], vectors[:, order].T
+
+
+def projector_onto(rows):
+    """Orthogonal projector onto the span of the rows of ``rows`` (any norm)."""
+    Q, _ = torch.linalg.qr(rows.T.double())
+    return Q @ Q.T
+
+
+def fit_quiet(est, *args):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return est.fit(*args)
+
+
+@pytest.fixture(scope="module")
+def problem():
+    model = mlp()
+    X, y = classification_data()
+    return model, X, y, dense_hessian(model, X, y)
+
+
+# ------------------------------------------------------------------ model mode vs dense Hessian
+@pytest.mark.parametrize("k", [4, 10, 20])
+def test_eigenpairs_equal_dense_hessian(problem, k):
+    model, X, y, H = problem
+    est = fit_quiet(ak.ArnoldiProjector(proj_dim=k, max_iter=100, config=F64), model, (X, y))
+    values, vectors = top_by_magnitude(H, k)
+    assert est.n_iter_ < P  # invariant subspace found before max_iter (and before p)
+    assert est.eigenvalues_.shape == (k,) and est.eigenvectors_.shape == (k, P)
+    assert_close(est.eigenvalues_, values, rtol=1e-10)
+    # The same subspace, and orthonormal rows that are eigenvectors of H.
+    assert_close(
+        projector_onto(est.eigenvectors_), projector_onto(vectors), rtol=1e-10, atol=1e-10
+    )
+    U = est.eigenvectors_
+    assert_close(U @ U.T, torch.eye(k, dtype=torch.float64), atol=1e-12)
+    assert_close(U @ H, est.eigenvalues_[:, None] * U, rtol=1e-10, atol=1e-12)
+
+
+def test_ihvp_and_transform_equal_restricted_dense_inverse(problem):
+    model, X, y, H = problem
+    k = 10
+    est = fit_quiet(ak.ArnoldiProjector(proj_dim=k, config=F64), model, (X, y))
+    values, vectors = top_by_magnitude(H, k)
+    V = torch.randn(6, P, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    # ihvp: all k signed pairs.
+    expected = V @ vectors.T @ torch.diag(1 / values) @ vectors
+    assert_close(est.ihvp(V), expected, rtol=1e-10)
+    # transform: the positive ones, scaled by 1/sqrt(eigenvalue).
+    pos = values > 0
+    assert est.proj_dim_ == int(pos.sum()) == 6
+    Z = est.transform(V)
+    assert Z.shape == (6, est.proj_dim_)
+    gram = V @ vectors[pos].T @ torch.diag(1 / values[pos]) @ vectors[pos] @ V.T
+    assert_close(Z @ Z.T, gram, rtol=1e-10)
+    # Column by column, up to the eigenvectors' signs.
+    dense_cols = (V @ vectors[pos].T) / values[pos].sqrt()
+    assert_close(Z.abs(), dense_cols.abs(), rtol=1e-10)
+
+
+def test_ihvp_containers(problem):
+    model, X, y, _ = problem
+    est = fit_quiet(ak.ArnoldiProjector(proj_dim=8, config=F64), model, (X, y))
+    grads = ak.per_example_gradients(model, (X, y), config=F64, flatten=False)
+    flat = ak.per_example_gradients(model, (X, y), config=F64)
+    out = est.ihvp(grads)
+    assert isinstance(out, dict) and list(out) == list(est.param_shapes_)
+    assert all(out[n].shape == grads[n].shape for n in grads)
+    out_flat = torch.cat([v.reshape(12, -1) for v in out.values()], 1)
+    assert_close(out_flat, est.ihvp(flat), rtol=1e-12)
+    out_np = est.ihvp(flat.numpy())
+    assert isinstance(out_np, np.ndarray) and out_np.shape == (12, P)
+    assert_close(out_np, out_flat, rtol=1e-12)
+    assert_close(est.transform(grads), est.transform(flat), rtol=1e-12)
+    # Default config: float32 out whatever the input dtype.
+    est32 = fit_quiet(ak.ArnoldiProjector(proj_dim=8), model, (X, y))
+    assert est32.ihvp(flat.numpy()).dtype == np.float32
+    assert est32.transform(flat).dtype == torch.float32
+    assert est32.eigenvectors_.dtype == torch.float32
+    assert_close(est32.ihvp(flat), out_flat, rtol=1e-5)
+
+
+def test_rev_fwd_equals_rev_rev(problem):
+    model, X, y, _ = problem
+    a = fit_quiet(ak.ArnoldiProjector(proj_dim=12, mode="rev-fwd", config=F64), model, (X, y))
+    b = fit_quiet(ak.ArnoldiProjector(proj_dim=12, mode="rev-rev", config=F64), model, (X, y))
+    assert a.n_iter_ == b.n_iter_
+    assert_close(a.eigenvalues_, b.eigenvalues_, rtol=1e-12)
+    assert_close(a.eigenvectors_, b.eigenvectors_, rtol=1e-10)
+
+
+def test_batch_size_invariance_with_ragged_loader(problem):
+    model, X, y, H = problem
+    ref = fit_quiet(ak.ArnoldiProjector(proj_dim=10, config=F64), model, (X, y))  # one batch of 64
+    loader = DataLoader(TensorDataset(X, y), batch_size=5)  # 5 + 5 + 2: ragged last batch
+    rag = fit_quiet(ak.ArnoldiProjector(proj_dim=10, config=F64), model, loader)
+    fours = ak.ComputeConfig(dtype="float64", batch_size=4)
+    by_four = fit_quiet(ak.ArnoldiProjector(proj_dim=10, config=fours), model, (X, y))
+    for est in (rag, by_four):
+        assert est.n_samples_ == 12 and est.n_iter_ == ref.n_iter_
+        assert_close(est.eigenvalues_, ref.eigenvalues_, rtol=1e-12)
+        assert_close(est.eigenvectors_, ref.eigenvectors_, rtol=1e-10)
+    assert_close(rag.eigenvalues_, top_by_magnitude(H, 10)[0], rtol=1e-10)
+
+
+def test_damping_shifts_eigenvalues(problem):
+    model, X, y, H = problem
+    d = 0.3
+    est = fit_quiet(ak.ArnoldiProjector(proj_dim=10, damping=d, config=F64), model, (X, y))
+    shifted = H + d * torch.eye(P, dtype=torch.float64)
+    values, vectors = top_by_magnitude(shifted, 10)
+    assert_close(est.eigenvalues_, values, rtol=1e-10)
+    assert_close(projector_onto(est.eigenvectors_), projector_onto(vectors), atol=1e-10)
+    # Array mode: the ordering is preserved (PSD), so the shift is entrywise.
+    G = torch.randn(40, 9, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    base = ak.ArnoldiProjector(proj_dim=9, config=F64).fit(G)
+    damped = ak.ArnoldiProjector(proj_dim=9, damping=d, config=F64).fit(G)
+    assert_close(damped.eigenvalues_, base.eigenvalues_ + d, rtol=1e-12)
+    assert_close(damped.eigenvectors_, base.eigenvectors_, rtol=1e-9)
+
+
+def test_params_subset_and_mse():
+    model = mlp(out=2)
+    X, y = regression_data()
+    names = ["0.weight", "0.bias"]
+    est = fit_quiet(
+        ak.ArnoldiProjector(proj_dim=5, loss="mse", params=names, config=F64), model, (X, y)
+    )
+    H = dense_hessian(model, X, y, loss="mse", params=names)
+    assert list(est.param_shapes_) == names and est.n_features_in_ == 24
+    assert_close(est.eigenvalues_, top_by_magnitude(H, 5)[0], rtol=1e-10)
+
+
+# ------------------------------------------------------------------ array mode
+def test_array_mode_equals_eigh_of_gram():
+    G = torch.randn(30, 12, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    gram = G.T @ G / 30
+    est = ak.ArnoldiProjector(proj_dim=6, config=F64).fit(G.numpy())
+    values, vectors = top_by_magnitude(gram, 6)
+    assert est.n_iter_ == 12 and est.n_samples_ == 30 and est.proj_dim_ == 6
+    assert_close(est.eigenvalues_, values, rtol=1e-10)
+    assert_close(projector_onto(est.eigenvectors_), projector_onto(vectors), atol=1e-10)
+    V = G[:4]
+    inv = vectors.T @ torch.diag(1 / values) @ vectors
+    assert_close(est.ihvp(V), V @ inv, rtol=1e-10)
+    Z = est.transform(V)
+    assert_close(Z @ Z.T, V @ inv @ V.T, rtol=1e-10)
+    # float32 gradients: the products still run in float64.
+    est32 = ak.ArnoldiProjector(proj_dim=6, config=F64).fit(G.float())
+    G32 = G.float().double()
+    assert_close(est32.eigenvalues_, top_by_magnitude(G32.T @ G32 / 30, 6)[0], rtol=1e-10)
+
+
+def test_array_mode_rank_deficient_keeps_what_there_is():
+    G = torch.randn(4, 12, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    with pytest.warns(UserWarning, match="found 4 eigenpair.*fewer than proj_dim=6"):
+        est = ak.ArnoldiProjector(proj_dim=6, config=F64).fit(G)
+    assert est.n_iter_ == 5  # the 4-dimensional range plus one null direction, then invariant
+    values = torch.linalg.eigvalsh(G @ G.T / 4).flip(0)
+    assert_close(est.eigenvalues_, values, rtol=1e-10)
+    assert torch.isfinite(est.ihvp(G)).all() and torch.isfinite(est.transform(G)).all()
+
+
+def test_zero_curvature_raises():
+    with pytest.raises(ValueError, match="zero to rounding.*damping > 0"):
+        ak.ArnoldiProjector(proj_dim=2).fit(np.zeros((5, 3)))
+
+
+def test_gram_matvec_blocks_equal_whole():
+    G = torch.randn(50, 7, generator=torch.Generator().manual_seed(5))
+    v = torch.randn(7, dtype=torch.float64)
+    whole = gram_matvec(G, 0.5)(v)
+    blocks = gram_matvec(G, 0.5, memory_budget=8 * 7 * 3)(v)  # 3 rows per block
+    G64 = G.double()
+    assert_close(whole, G64.T @ (G64 @ v) / 50 + 0.5 * v, rtol=1e-14)
+    assert_close(blocks, whole, rtol=1e-14)
+
+
+# ------------------------------------------------------------------ indefinite, defaults, NaN
+def test_indefinite_hessian_drops_negative_directions_from_transform(problem):
+    model, X, y, _ = problem
+    with pytest.warns(UserWarning, match="4 of the 10 kept eigenvalues are negative"):
+        est = ak.ArnoldiProjector(proj_dim=10, config=F64).fit(model, (X, y))
+    assert int((est.eigenvalues_ < 0).sum()) == 4 and est.proj_dim_ == 6
+    V = torch.randn(3, P, dtype=torch.float64)
+    assert est.transform(V).shape == (3, 6)
+    # ihvp keeps them, signed.
+    neg = est.eigenvectors_[est.eigenvalues_ < 0]
+    out = est.ihvp(neg)
+    assert_close(out, neg / est.eigenvalues_[est.eigenvalues_ < 0][:, None], rtol=1e-10)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_defaults_give_no_nan(problem, dtype):
+    _, X, y, _ = problem
+    model = mlp(dtype=dtype)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        est = ak.ArnoldiProjector().fit(model, (X, y))  # float64 inputs cast to the model's dtype
+    messages = [str(w.message) for w in caught]
+    assert any("fewer than proj_dim=100" in m for m in messages)
+    assert any("eigenvalues are negative" in m for m in messages)
+    grads = ak.per_example_gradients(model, (X.to(dtype), y))
+    for value in (est.eigenvalues_, est.eigenvectors_, est.transform(grads), est.ihvp(grads)):
+        assert torch.isfinite(value).all()
+    assert 0 < est.proj_dim_ <= est.eigenvalues_.numel() <= est.n_iter_ <= P
+
+
+def test_float32_basis_stays_orthogonal():
+    # The seed's reference loses orthogonality in float32 after ~19 iterations.
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(10, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4))
+    X = torch.randn(64, 10)
+    y = torch.randint(0, 4, (64,))
+    est = fit_quiet(ak.ArnoldiProjector(proj_dim=40, max_iter=80), model, (X, y))
+    assert est.n_iter_ == 80
+    U = est.eigenvectors_.double()
+    assert_close(U @ U.T, torch.eye(U.shape[0], dtype=torch.float64), atol=1e-6)
+    # No ghost copies: the top eigenvalues match the dense Hessian to float32 rounding.
+    H = dense_hessian(model.double(), X.double(), y)
+    values = top_by_magnitude(H, 10)[0]
+    assert_close(est.eigenvalues_[:10], values, rtol=1e-5)
+
+
+# ------------------------------------------------------------------ iteration, determinism
+def test_max_iter_limits_iterations_and_top_converges_first(problem):
+    model, X, y, H = problem
+    est = fit_quiet(ak.ArnoldiProjector(proj_dim=3, max_iter=20, config=F64), model, (X, y))
+    assert est.n_iter_ == 20
+    top = top_by_magnitude(H, 1)[0]
+    assert abs(float(est.eigenvalues_[0] - top[0])) < 1e-6 * abs(float(top[0]))
+
+
+def test_deterministic_and_seed_independent_when_converged(problem):
+    model, X, y, _ = problem
+    a = fit_quiet(ak.ArnoldiProjector(proj_dim=10, config=F64), model, (X, y))
+    b = fit_quiet(ak.ArnoldiProjector(proj_dim=10, config=F64), model, (X, y))
+    assert torch.equal(a.eigenvalues_, b.eigenvalues_)
+    assert torch.equal(a.eigenvectors_, b.eigenvectors_)
+    c = fit_quiet(ak.ArnoldiProjector(proj_dim=10, seed=7, config=F64), model, (X, y))
+    assert_close(c.eigenvalues_, a.eigenvalues_, rtol=1e-10)
+
+
+def test_norm_constant_scales_as_in_the_seed(problem):
+    model, X, y, _ = problem
+    c = 3.0
+    one = fit_quiet(ak.ArnoldiProjector(proj_dim=8, config=F64), model, (X, y))
+    big = fit_quiet(ak.ArnoldiProjector(proj_dim=8, norm_constant=c, config=F64), model, (X, y))
+    assert_close(big.eigenvalues_, one.eigenvalues_, rtol=1e-14)
+    assert_close(
+        big.eigenvectors_.norm(dim=1), torch.full((8,), c, dtype=torch.float64), rtol=1e-12
+    )
+    V = torch.randn(3, P, dtype=torch.float64)
+    assert_close(big.transform(V), c * one.transform(V), rtol=1e-12)
+    assert_close(big.ihvp(V), c**2 * one.ihvp(V), rtol=1e-12)
+
+
+def test_one_all_reduce_per_iteration(problem, monkeypatch):
+    # A fake two-rank group with identical shards: every reduction doubles.
+    # Sums and counts double together, so the fit must equal the one-process fit.
+    model, X, y, _ = problem
+    calls = []
+
+    class Doubling(dist_mod.Reducer):
+        def __init__(self):
+            super().__init__(False)
+            self.active, self.world_size = True, 2
+
+        def sum_(self, *tensors):
+            calls.append(len(tensors))
+            for t in tensors:
+                t.mul_(2)
+
+    monkeypatch.setattr(dist_mod, "reducer", lambda config, owner="fit": Doubling())
+    est = fit_quiet(ak.ArnoldiProjector(proj_dim=10, config=F64), model, (X, y))
+    monkeypatch.undo()
+    ref = fit_quiet(ak.ArnoldiProjector(proj_dim=10, config=F64), model, (X, y))
+    assert calls == [1] * est.n_iter_  # one collective (one tensor) per iteration
+    assert est.n_samples_ == 24
+    assert_close(est.eigenvalues_, ref.eigenvalues_, rtol=1e-14)
+
+
+def test_core_lanczos_on_a_callable():
+    # The core takes any symmetric matvec: here the Hessian of f(x) = sum(x^4) / 4 + x^T A x / 2.
+    g = torch.Generator().manual_seed(6)
+    B = torch.randn(8, 8, generator=g, dtype=torch.float64)
+    A = B @ B.T
+    x = torch.randn(8, generator=g, dtype=torch.float64)
+    dense = A + torch.diag(3 * x**2)
+
+    def f(z):
+        return (z**4).sum() / 4 + z @ A @ z / 2
+
+    def matvec(v):
+        return torch.func.jvp(torch.func.grad(f), (x,), (v,))[1]
+
+    res = lanczos(matvec, 8, max_iter=50, seed=1)
+    assert res.n_iter == 8 and res.invariant
+    values, vectors = ritz_pairs(res)
+    assert_close(values, torch.linalg.eigvalsh(dense).flip(0), rtol=1e-10)
+    assert_close(vectors @ dense, values[:, None] * vectors, rtol=1e-10, atol=1e-12)
+    top, top_vectors, _, n_zero = eigenpairs(matvec, 8, 3, max_iter=50)
+    assert n_zero == 0 and top.shape == (3,) and top_vectors.shape == (3, 8)
+    with pytest.raises(ValueError, match=r"must return a \(8,\) tensor"):
+        lanczos(lambda v: v[:4], 8)
+    with pytest.raises(ValueError, match="not finite"):
+        lanczos(lambda v: v * float("nan"), 8)
+
+
+# ------------------------------------------------------------------ the model is left alone
+def test_model_left_as_it_was():
+    model = mlp()
+    model.train()
+    model[0].bias.requires_grad_(False)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    X, y = classification_data()
+    est = fit_quiet(ak.ArnoldiProjector(proj_dim=4, config=F64), model, (X, y))
+    assert model.training and not model[0].bias.requires_grad and model[0].weight.requires_grad
+    assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
+    assert "0.bias" not in est.param_shapes_  # frozen parameters are not differentiated
+    # A failing fit restores the mode too.
+    with pytest.raises(ValueError):
+        ak.ArnoldiProjector(loss=lambda out, t: out.sum()).fit(model, (X, y))
+    assert model.training
+
+
+def test_dropout_model_is_evaluated_in_eval_mode():
+    torch.manual_seed(0)
+    body = [torch.nn.Linear(5, 6), torch.nn.Tanh(), torch.nn.Dropout(0.5), torch.nn.Linear(6, 3)]
+    model = torch.nn.Sequential(*body).double().train()
+    X, y = classification_data()
+    a = fit_quiet(ak.ArnoldiProjector(proj_dim=5, config=F64), model, (X, y))
+    b = fit_quiet(ak.ArnoldiProjector(proj_dim=5, config=F64), model.eval(), (X, y))
+    assert torch.equal(a.eigenvalues_, b.eigenvalues_)
+
+
+# ------------------------------------------------------------------ errors
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(proj_dim=0), "'proj_dim' parameter of ArnoldiProjector must be an int >= 1"),
+        (dict(max_iter=0), "'max_iter' parameter .* an int >= 1. Got 0 "),
+        (dict(damping=-1.0), "'damping' parameter .* a float >= 0. Got -1.0"),
+        (dict(tol=-1e-3), "'tol' parameter"),
+        (dict(norm_constant=0.0), "'norm_constant' parameter .* a float > 0"),
+        (dict(mode="fwd-fwd"), "'mode' parameter .* 'rev-fwd', 'rev-rev'. Got 'fwd-fwd'"),
+        (dict(seed=1.5), "'seed' parameter"),
+        (dict(loss="hinge"), "'loss' parameter"),
+    ],
+)
+def test_bad_parameters(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        ak.ArnoldiProjector(**kwargs).fit(np.eye(3))
+
+
+def test_bad_data():
+    model, (X, y) = mlp(), classification_data()
+    with pytest.raises(ValueError, match="re-iterable.*generator"):
+        ak.ArnoldiProjector().fit(model, ((X[i : i + 2], y[i : i + 2]) for i in range(0, 12, 2)))
+    with pytest.raises(ValueError, match="'data' argument is required"):
+        ak.ArnoldiProjector().fit(model)
+    with pytest.raises(ValueError, match="empty"):
+        ak.ArnoldiProjector().fit(model, [])
+    with pytest.raises(ValueError, match="params"):
+        ak.ArnoldiProjector(params=["nope"]).fit(model, (X, y))
+
+
+def test_memory_refused_before_allocating(monkeypatch):
+    import attribkit.projection.arnoldi as arnoldi
+
+    monkeypatch.setattr(arnoldi, "_available_memory", lambda device: 1000)
+    cfg = ak.ComputeConfig(memory_budget=1000)
+    G = np.ones((3, 40))  # basis 8 * 40 * 40 = 12,800 bytes > both limits
+    with pytest.raises(ValueError, match="Krylov basis of max_iter x p = 40 x 40 .* max_iter"):
+        ak.ArnoldiProjector(config=cfg).fit(G)
+    est = fit_quiet(ak.ArnoldiProjector(max_iter=3, config=cfg), G)  # 960 bytes: fits
+    assert est.n_iter_ == 2  # rank one: one eigenpair and one null direction
+
+
+def test_pickle_keeps_ihvp(problem):
+    model, X, y, _ = problem
+    est = fit_quiet(ak.ArnoldiProjector(proj_dim=6, config=F64), model, (X, y))
+    V = torch.randn(2, P, dtype=torch.float64)
+    loaded = pickle.loads(pickle.dumps(est))
+    assert_close(loaded.ihvp(V), est.ihvp(V), rtol=0)
+    assert_close(loaded.transform(V), est.transform(V), rtol=0)
+    assert math.isclose(float(loaded.eigenvalues_[0]), float(est.eigenvalues_[0]))
