@@ -11,11 +11,11 @@ OMP_WAIT_POLICY ?= PASSIVE
 export OMP_WAIT_POLICY
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test lint bench
+.PHONY: help install demo test lint bench peer-test
 
 help:  ## list the targets
 	@echo "attribkit make targets:"
-	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/^([a-z]+):.*## /  \1\t/' | expand -t 12
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/^([a-z-]+):.*## /  \1\t/' | expand -t 12
 
 install:  ## install torch if missing (CPU wheel without a GPU) and attribkit in editable mode
 	@if $(PYTHON) -c "import torch" >/dev/null 2>&1; then \
@@ -45,3 +45,11 @@ bench: install  ## set up and run every benchmark (dattri best-effort)
 	$(PIP) install -e ".[bench]"
 	$(PIP) install --no-deps dattri==0.1.0 || echo "dattri not installed; skipping it"
 	OMP_WAIT_POLICY=$(OMP_WAIT_POLICY) $(PYTHON) benchmarks/run.py
+
+# dattri's own tests of the seed's functions, against attribkit.functional (needs PyPI).
+# Not part of `make test`: it installs dattri 0.1.0 (--no-deps: its tests import only
+# torch and numpy besides dattri) and takes minutes (several seeds, both libraries).
+PEER_SEEDS ?= 0 1 2 3 4
+peer-test: install  ## run dattri 0.1.0's func tests against attribkit.functional
+	$(PIP) install --no-deps dattri==0.1.0
+	OMP_WAIT_POLICY=$(OMP_WAIT_POLICY) $(PYTHON) tests/peer/run_dattri_suite.py --seeds $(PEER_SEEDS)

@@ -1,0 +1,131 @@
+"""attribkit.functional.random_project against RandomProjector and its promises."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from reference import assert_close
+
+from attribkit.config import ComputeConfig
+from attribkit.functional import random_project
+from attribkit.functional.projection import ensemble_seed
+from attribkit.projection.random import RandomProjector
+
+F32 = ComputeConfig(dtype="float32", progress=False)
+
+
+def _named_gradients(batch=6, seed=0):
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(7, 5), torch.nn.ReLU(), torch.nn.Linear(5, 3))
+    # Shaped like model.named_parameters(), one row per example (as the seed's tests do).
+    grads = {k: torch.randn(batch, p.numel()) for k, p in model.named_parameters()}
+    shaped = {
+        k: g.reshape(batch, *p.shape)
+        for (k, p), g in zip(model.named_parameters(), grads.values())
+    }
+    return grads, shaped
+
+
+def test_random_project_is_random_projector():
+    X = torch.randn(10, 300)
+    project = random_project(X, 10, 64, 32, "cpu", proj_seed=3, use_half_precision=False)
+    est = RandomProjector(proj_dim=64, seed=3, config=F32).fit(X)
+    out = project(X)
+    assert out.shape == (10, 64) and out.dtype == torch.float32
+    assert torch.equal(out, est.transform(X))
+    # Any batch size, and one 1-D feature (the same matrix; BLAS rounds a row apart).
+    assert_close(project(X[:3]), out[:3], rtol=1e-6)
+    assert project(X[4]).shape == (64,)
+    assert_close(project(X[4]), out[4], rtol=1e-6)
+
+
+def test_random_project_dict_features_like_named_parameters():
+    grads, shaped = _named_gradients()
+    flat = torch.cat(list(grads.values()), dim=1)
+    project = random_project(grads, 6, 32, 16, "cpu", use_half_precision=False)
+    expected = RandomProjector(proj_dim=32, config=F32).fit(flat).transform(flat)
+    assert torch.equal(project(grads), expected)
+    # (batch, *param.shape) values: the same layout, the same projection.
+    assert torch.equal(project(shaped), expected)
+    shaped_project = random_project(shaped, 6, 32, 16, "cpu", use_half_precision=False)
+    assert torch.equal(shaped_project(grads), expected)
+
+
+def test_ensemble_ids_are_independent_and_reproducible():
+    p, k = 400, 64
+    eye = torch.eye(p)
+    project = random_project(eye, p, k, 32, "cpu", proj_seed=5, use_half_precision=False)
+    R = {i: project(eye, ensemble_id=i) * math.sqrt(k) for i in (0, 1, 2)}  # ±1 entries
+    assert torch.equal(
+        R[0],
+        RandomProjector(proj_dim=k, seed=5, config=F32).fit(eye).transform(eye) * math.sqrt(k),
+    )
+    for i in (1, 2):
+        assert torch.equal(project(eye, ensemble_id=i) * math.sqrt(k), R[i])  # same again
+        again = random_project(eye, p, k, 32, "cpu", proj_seed=5, use_half_precision=False)
+        assert torch.equal(again(eye, i) * math.sqrt(k), R[i])  # a new function, same matrix
+    # Independent ±1 matrices agree on half their entries: 25,600 entries, sd 0.3%.
+    for i, j in ((0, 1), (0, 2), (1, 2)):
+        agreement = float((R[i] == R[j]).double().mean())
+        assert abs(agreement - 0.5) < 0.02, (i, j, agreement)
+    assert ensemble_seed(5, 0) == 5 and ensemble_seed(5, 1) != ensemble_seed(6, 1)
+    assert ensemble_seed(0, 1) != ensemble_seed(100000, 0)  # the reference's seeds collide here
+
+
+def test_random_project_preserves_squared_norms_in_expectation():
+    torch.manual_seed(0)
+    X = torch.randn(20, 2000)
+    out = random_project(X, 20, 1024, 32, "cpu", use_half_precision=False)(X)
+    ratio = out.square().sum(1) / X.square().sum(1)
+    # JL with k = 1024: each ratio within a few times sqrt(2 / k) = 4.4% of 1.
+    assert float((ratio - 1).abs().max()) < 0.2
+    assert abs(float(ratio.mean()) - 1) < 0.03
+
+
+def test_use_half_precision_on_cpu_gives_float16():
+    X = torch.randn(8, 500)
+    half = random_project(X, 8, 64, 32, "cpu")(X)  # the default: use_half_precision=True
+    full = random_project(X, 8, 64, 32, "cpu", use_half_precision=False)(X)
+    assert half.dtype == torch.float16
+    # float16 rounding of the inputs and of the result: relative error ~1e-3.
+    assert float((half.float() - full).abs().max() / full.abs().max()) < 5e-3
+    with pytest.raises(ValueError, match="dtype"):
+        random_project(X, 8, 64, 32, "cpu")(X * 1e5)  # beyond float16's range
+
+
+@pytest.mark.cuda
+def test_use_half_precision_on_cuda():
+    X = torch.randn(8, 500)
+    half = random_project(X, 8, 64, 32, "cuda")(X)
+    full = random_project(X, 8, 64, 32, "cpu", use_half_precision=False)(X)
+    assert half.dtype == torch.float16 and half.device.type == "cuda"
+    assert float((half.float().cpu() - full).abs().max() / full.abs().max()) < 5e-3
+
+
+def test_random_project_bad_input():
+    X = torch.randn(8, 30)
+    with pytest.raises(ValueError, match="'proj_dim' parameter of random_project"):
+        random_project(X, 8, 0, 32, "cpu")
+    with pytest.raises(ValueError, match="'feature_batch_size' parameter"):
+        random_project(X, 0, 4, 32, "cpu")
+    with pytest.raises(ValueError, match="multiple of feature_batch_size=7"):
+        random_project(X, 7, 4, 32, "cpu")
+    with pytest.raises(ValueError, match="device"):
+        random_project(X, 8, 4, 32, "tpu")
+    with pytest.raises(TypeError, match="'feature' parameter"):
+        random_project([1.0], 1, 4, 32, "cpu")
+    with pytest.raises(ValueError, match="'use_half_precision' parameter"):
+        random_project(X, 8, 4, 32, "cpu", use_half_precision="yes")
+    project = random_project(X, 8, 4, 32, "cpu")
+    with pytest.raises(ValueError, match=r"shape \(m, 30\)"):
+        project(torch.randn(8, 31))
+    with pytest.raises(ValueError, match="'ensemble_id' parameter"):
+        project(X, ensemble_id=1.5)
+    grads, _ = _named_gradients()
+    project = random_project(grads, 6, 4, 32, "cpu")
+    with pytest.raises(ValueError, match="keys it was built with"):
+        project({k: v for k, v in list(grads.items())[:2]})
+    with pytest.raises(ValueError, match="m=6 examples"):
+        project({k: v[: 3 if k.endswith("bias") else 6] for k, v in grads.items()})
