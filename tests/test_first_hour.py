@@ -3,7 +3,7 @@
 import pytest
 import torch
 from cases import classification_data, mlp
-from reference import assert_close, loop_per_example_gradients
+from reference import assert_close, damped_fisher, loop_per_example_gradients
 from torch.utils.data import DataLoader
 
 import attribkit as ak
@@ -98,3 +98,41 @@ def test_dict_batches_say_how_to_adapt():
     rows = [{"x": X[i], "y": y[i]} for i in range(len(y))]
     with pytest.raises(ValueError, match=r"dict with keys \['x', 'y'\].*collate_fn"):
         ak.per_example_gradients(model, DataLoader(rows, batch_size=4), config=F64)
+
+
+# ----------------------------------------------------------------- 3. damping="auto"
+@pytest.mark.parametrize("solver", ["cholesky", "woodbury", "auto"])
+@pytest.mark.parametrize("n", [30, 4])
+def test_explicit_auto_damping_is_a_tenth_of_mean_fisher_diagonal(solver, n):
+    g = torch.Generator().manual_seed(n)
+    G = torch.randn(n, 6, generator=g, dtype=torch.float64) * torch.arange(1, 7)
+    V = torch.randn(3, 6, generator=g, dtype=torch.float64)
+    ifvp = ak.ExplicitIFVP(damping="auto", solver=solver, config=F64).fit(G)
+    F = G.T @ G / n
+    expected = 0.1 * float(F.diagonal().mean())
+    assert ifvp.damping_ == pytest.approx(expected, rel=1e-12)
+    A = F + expected * torch.eye(6, dtype=torch.float64)
+    assert_close(ifvp.transform(V), torch.linalg.solve(A, V.T).T, rtol=1e-10)
+    assert_close(ifvp.inverse_transform(V), V @ A, rtol=1e-12)
+    fixed = ak.ExplicitIFVP(damping=0.25, solver=solver, config=F64).fit(G)
+    assert fixed.damping_ == 0.25
+
+
+def test_explicit_auto_damping_in_model_mode():
+    model, (X, y) = mlp(), classification_data()
+    G = loop_per_example_gradients(model, X, y)
+    ifvp = ak.ExplicitIFVP(damping="auto", config=F64).fit(model, (X, y))
+    assert ifvp.solver_ == "woodbury"  # n = 12 < p = 39
+    expected = 0.1 * float(G.square().sum(1).mean()) / G.shape[1]
+    assert ifvp.damping_ == pytest.approx(expected, rel=1e-12)
+    assert_close(ifvp.transform(G[:2]), torch.linalg.solve(damped_fisher(G, expected), G[:2].T).T)
+
+
+def test_explicit_auto_damping_refuses_zero_gradients():
+    with pytest.raises(ValueError, match="damping='auto'.*every per-example gradient is zero"):
+        ak.ExplicitIFVP(damping="auto", config=F64).fit(torch.zeros(5, 3))
+
+
+def test_singular_message_suggests_auto_not_the_damping_in_use():
+    with pytest.raises(ValueError, match=r"Use damping > 0: damping='auto'.*weight decay"):
+        ak.ExplicitIFVP(config=F64).fit(torch.randn(3, 5, dtype=torch.float64))

@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 
 import torch
+from tqdm.auto import tqdm
 
 from .. import _validation as V
 from .._gradients import iter_gradients, param_shapes, select_params
@@ -68,6 +69,22 @@ def _gib(nbytes: float) -> str:
     return f"{nbytes / 2**30:.3g} GiB"
 
 
+class _stage:
+    """A one-step progress bar (``config.progress``) around a long single call."""
+
+    def __init__(self, est, desc: str):
+        self.bar = tqdm(total=1, desc=desc, disable=not est._config.show_progress, leave=False)
+
+    def __enter__(self):
+        self.bar.refresh()
+        return self
+
+    def __exit__(self, *exc):
+        if exc[0] is None:
+            self.bar.update(1)
+        self.bar.close()
+
+
 class ExplicitIFVP(BaseEstimator):
     """Exact inverse-Fisher-vector product ``V (F + damping I)^{-1}``.
 
@@ -81,10 +98,19 @@ class ExplicitIFVP(BaseEstimator):
 
     Parameters
     ----------
-    damping : float, default=0.0
+    damping : float or "auto", default=0.0
         ``damping >= 0`` added to the diagonal of ``F``. ``F`` has rank at most
         ``n_samples``, so with fewer examples than features (or directions the
         gradients never move along) it is singular and needs ``damping > 0``.
+        ``"auto"``: ``0.1 ×`` the mean diagonal of ``F`` (``0.1 ×`` the mean
+        squared gradient entry, the convention of DataInfIFVP's and
+        EKFACIFVP's ``"auto"``), computed at ``fit`` and stored in
+        ``damping_``. When the model was trained with L2 weight decay
+        ``λ`` (a penalty ``(λ/2) ‖θ‖²`` on the mean loss, i.e. SGD's
+        ``weight_decay=λ``), ``damping=λ`` makes ``F + λ I`` the curvature of
+        the objective that was actually minimised: the principled choice.
+        Otherwise ``"auto"`` is a reasonable start; check that the top-ranked
+        examples are stable when ``damping`` is scaled by 0.1 and 10.
     solver : {"auto", "cholesky", "woodbury"}, default="auto"
         ``"cholesky"``: the dense form, a ``p x p`` Cholesky factor of
         ``F + damping I``. ``"woodbury"``: the exact kernel form (needs
@@ -117,6 +143,8 @@ class ExplicitIFVP(BaseEstimator):
 
     Attributes
     ----------
+    damping_ : float
+        The damping used: ``damping``, or its value for ``damping="auto"``.
     solver_ : str
         The solver that ran: ``"cholesky"`` or ``"woodbury"``.
     n_samples_ : int
@@ -247,12 +275,17 @@ class ExplicitIFVP(BaseEstimator):
 
     # ------------------------------------------------------------------ params
     def _check_params(self) -> None:
-        V.check_float(self, "damping", self.damping, minimum=0.0)
+        if not (isinstance(self.damping, str) and self.damping == "auto"):
+            try:
+                V.check_float(self, "damping", self.damping, minimum=0.0)
+            except ValueError:
+                expected = "a float >= 0 or 'auto'"
+                raise V.param_error(self, "damping", expected, self.damping) from None
         V.check_option(self, "solver", self.solver, _SOLVERS)
         V.check_fisher(self, self.fisher)
         V.check_loss(self, self.loss)
         V.check_params(self, self.params)
-        if self.solver == "woodbury" and float(self.damping) == 0.0:
+        if self.solver == "woodbury" and self._nominal_damping() == 0.0:
             raise ValueError(
                 "The 'damping' parameter of ExplicitIFVP must be a float > 0 with "
                 f"solver='woodbury' (the kernel form divides by it). Got {self.damping!r} "
@@ -271,6 +304,7 @@ class ExplicitIFVP(BaseEstimator):
             )
         shapes = param_shapes(select_params(model, self.params, self))
         self._set_layout(shapes)
+        self._from_model = True
         batches = iter_gradients(
             model,
             data,
@@ -308,7 +342,32 @@ class ExplicitIFVP(BaseEstimator):
             chunks = (
                 (G[s : s + rows].to(_F64, copy=True), min(rows, n - s)) for s in range(0, n, rows)
             )
+            chunks = tqdm(
+                chunks,
+                total=-(-n // rows),
+                desc="ExplicitIFVP Fisher",
+                disable=not config.show_progress or n <= rows,
+                leave=False,
+            )
         self._fit_chunks(chunks, n, limit)
+
+    def _nominal_damping(self) -> float:
+        """``damping`` before fit; ``"auto"`` counts as positive (its value comes later)."""
+        return 1.0 if self.damping == "auto" else float(self.damping)
+
+    def _set_damping(self, scale: float) -> float:
+        """Record and return ``damping_`` given ``scale``, the mean diagonal of ``F``."""
+        if self.damping != "auto":
+            self.damping_ = float(self.damping)
+        elif not scale > 0:
+            raise ValueError(
+                "damping='auto' of ExplicitIFVP is 0.1 times the mean diagonal of the Fisher "
+                f"F, but that is {scale!r}: every per-example gradient is zero. Check the "
+                "model and the loss, or pass a float damping > 0."
+            )
+        else:
+            self.damping_ = 0.1 * scale
+        return self.damping_
 
     def _memory_limit(self) -> tuple[int, int]:
         return (self._config.memory_budget, _available_memory(self._device))
@@ -358,7 +417,7 @@ class ExplicitIFVP(BaseEstimator):
         ``limit`` is ``(memory_budget, available bytes)``; a form fits when it
         needs no more than the larger of the two.
         """
-        damping, cap = float(self.damping), max(limit)
+        damping, cap = self._nominal_damping(), max(limit)
         dense, kernel = _dense_bytes(p), _kernel_bytes(n, p)
         dense_fits, kernel_fits = dense <= cap, damping > 0 and kernel <= cap
         if self.solver == "cholesky" and dense_fits:
@@ -388,7 +447,7 @@ class ExplicitIFVP(BaseEstimator):
             what, advice = dense, "Use solver='woodbury' with damping > 0 when n_samples < p, "
         elif self.solver == "woodbury":
             what, advice = kernel, "Use solver='cholesky' when n_samples is large, "
-        elif float(self.damping) > 0:
+        elif self._nominal_damping() > 0:
             what, advice = f"{dense}, and {kernel}", ""
         else:
             what = dense
@@ -397,17 +456,26 @@ class ExplicitIFVP(BaseEstimator):
             f"ExplicitIFVP cannot fit in memory: {what}; the limit is the larger of "
             f"config.memory_budget ({_gib(budget)}) and the memory available on "
             f"{self._device} ({_gib(available)}). {advice}"
-            "fewer parameters (params=[...]), or raise config.memory_budget."
+            + (
+                "fewer parameters (params=[...]), or raise config.memory_budget."
+                if getattr(self, "_from_model", False)
+                # Array mode: the features are the user's; params= means nothing here.
+                else "fewer features (e.g. a RandomProjector first), or raise "
+                "config.memory_budget."
+            )
         )
 
     def _singular_error(self, detail: str, scale: float) -> ValueError:
-        hint = 1e-3 * scale if scale > 0 else 1e-3
+        used = getattr(self, "damping_", self._nominal_damping())
+        hint = 0.1 * scale if scale > 0 else 1e-3
+        shown = f"'auto' = {used:.3g}" if self.damping == "auto" else repr(self.damping)
         return ValueError(
             f"The damped Fisher matrix F + damping * I of ExplicitIFVP (damping="
-            f"{self.damping!r}, n_samples={self.n_samples_}, n_features={self.n_features_in_},"
+            f"{shown}, n_samples={self.n_samples_}, n_features={self.n_features_in_},"
             f" solver={self.solver_!r}) is singular to float64 precision: {detail}. Use "
-            f"{'damping > 0' if float(self.damping) == 0.0 else 'a larger damping'}, e.g. "
-            f"damping={hint:.3g} (1e-3 times the mean diagonal of F)."
+            f"{'damping > 0' if used == 0.0 else 'a larger damping'}: damping='auto' (0.1 "
+            "times the mean diagonal of F), the training weight decay, or e.g. "
+            f"damping={hint:.3g} ({'what auto gives here' if scale > 0 else 'F is zero'})."
         )
 
     def _cholesky(self, A: torch.Tensor, scale: float) -> torch.Tensor:
@@ -431,7 +499,8 @@ class ExplicitIFVP(BaseEstimator):
         # n examples (F averages over them), rows gradients (F's rank is at most rows).
         p = F.shape[0]
         F.div_(n)
-        damping, scale = float(self.damping), float(F.diagonal().mean())
+        scale = float(F.diagonal().mean())
+        damping = self._set_damping(scale)
         floor = p * _EPS64 * float(F.diagonal().max())
         if rows < p and damping <= floor:
             what = "n" if rows == n else "n K (the pseudo-gradients)"
@@ -440,14 +509,16 @@ class ExplicitIFVP(BaseEstimator):
                 detail += f" and damping is at its rounding level ({floor:.3g})"
             raise self._singular_error(detail, scale)
         F.diagonal().add_(damping)
-        self.cholesky_ = self._cholesky(F, scale)
+        with _stage(self, f"ExplicitIFVP: Cholesky of the {p} x {p} Fisher"):
+            self.cholesky_ = self._cholesky(F, scale)
         self.gradients_ = None
 
     def _factorise_kernel(self, G: torch.Tensor, n: int) -> None:
         # G: (rows, p), rows = n examples, or n K pseudo-gradients; F = G^T G / n.
-        (rows, p), damping = G.shape, float(self.damping)
+        rows, p = G.shape
         K = G @ G.T
         scale = float(K.diagonal().sum()) / (n * p)  # = mean diagonal of F
+        damping = self._set_damping(scale)
         # The kernel stays well conditioned however small the damping, but with
         # rows < p the matrix F + damping I is singular to float64 precision once
         # damping is at F's rounding level: refuse it as the dense form does.
@@ -460,7 +531,8 @@ class ExplicitIFVP(BaseEstimator):
             )
             raise self._singular_error(detail, scale)
         K.diagonal().add_(n * damping)
-        self.cholesky_ = self._cholesky(K, scale)
+        with _stage(self, f"ExplicitIFVP: Cholesky of the {rows} x {rows} kernel"):
+            self.cholesky_ = self._cholesky(K, scale)
         self.gradients_ = G
 
     # ------------------------------------------------------------------ transform
@@ -474,7 +546,7 @@ class ExplicitIFVP(BaseEstimator):
         G = self.gradients_
         # (1/d) (V - (V G^T) K^{-1} G), K = n d I + G G^T symmetric.
         W = torch.cholesky_solve((V @ G.T).T, L).T
-        return (V - W @ G) / float(self.damping)
+        return (V - W @ G) / self.damping_
 
     def inverse_transform(self, vectors):
         """Multiply by the damped Fisher: ``V (F + damping I)``, the FVP.
@@ -500,4 +572,4 @@ class ExplicitIFVP(BaseEstimator):
             L = self.cholesky_
             return (V @ L) @ L.mT
         G = self.gradients_
-        return float(self.damping) * V + (V @ G.T) @ G / self.n_samples_
+        return self.damping_ * V + (V @ G.T) @ G / self.n_samples_

@@ -313,10 +313,11 @@ def test_too_large_dense_matrix_is_refused_before_allocating(monkeypatch):
     [
         (
             {"damping": -1},
-            r"^The 'damping' parameter of ExplicitIFVP must be a float >= 0\. Got -1 instead\.$",
+            r"^The 'damping' parameter of ExplicitIFVP must be a float >= 0 or 'auto'\. "
+            r"Got -1 instead\.$",
         ),
-        ({"damping": float("nan")}, r"'damping' parameter .* float >= 0"),
-        ({"damping": "auto"}, r"'damping' parameter .* float >= 0. Got 'auto'"),
+        ({"damping": float("nan")}, r"'damping' parameter .* float >= 0 or 'auto'"),
+        ({"damping": "Auto"}, r"'damping' parameter .* float >= 0 or 'auto'. Got 'Auto'"),
         ({"solver": "lu"}, r"'solver' parameter .* one of 'auto', 'cholesky', 'woodbury'"),
         ({"fisher": "exact"}, r"'fisher' parameter"),
         ({"loss": "hinge"}, r"'loss' parameter"),
