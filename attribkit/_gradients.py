@@ -452,15 +452,14 @@ def _known_length(data) -> int | None:
 
 def _n_outputs(projector, n_features: int) -> int:
     """Width ``k`` of the projector's output, preferably without running it."""
-    k = getattr(projector, "_n_features_out", None)
-    if k is None and isinstance(getattr(projector, "proj_dim", None), int):
-        from .projection import RandomProjector
+    from .projection import RandomProjector
 
-        if isinstance(projector, RandomProjector):
-            k = projector.proj_dim
+    if isinstance(projector, RandomProjector):  # known without generating its matrix
+        return int(projector.proj_dim)
+    k = getattr(projector, "_n_features_out", None)  # attribkit's and scikit-learn's
     if k is None:  # any other transformer: one zero row tells
-        probe = projector.transform(torch.zeros(1, n_features, dtype=torch.float64))
-        k = int(probe.shape[1])
+        probe = projector.transform(np.zeros((1, n_features)))
+        k = np.asarray(probe).shape[1]
     return int(k)
 
 

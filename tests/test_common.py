@@ -260,3 +260,86 @@ def test_model_mode_bad_data(name):
         make(name).fit(model, [])
     with pytest.raises(ValueError, match="'loss' parameter"):
         type(make(name))(loss="hinge").fit(model, (X, y))
+
+
+# ----------------------------------------------------------------- model-mode-only estimators
+#: Estimators whose layout only a model defines. KroneckerProjector projects each
+#: layer's gradient as a (d_out, d_in) matrix; an array (or dict) of gradients does
+#: not say which entries form which layer, so array-mode fit raises TypeError and
+#: scikit-learn's estimator checks (all array mode) do not apply to them.
+MODEL_ONLY = {
+    "KroneckerProjector": lambda config=None: ak.KroneckerProjector(
+        in_dim=3, out_dim=2, config=config
+    ),
+}
+MODEL_ONLY_NAMES = list(MODEL_ONLY)
+
+
+def fit_model_only(name, config=None):
+    model, (X, y) = mlp(), classification_data()
+    est = MODEL_ONLY[name](config).fit(model, (X, y))
+    G = ak.per_example_gradients(model, (X, y), config=F64, params=list(est.param_shapes_))
+    return est, G
+
+
+@pytest.mark.parametrize("name", MODEL_ONLY_NAMES)
+def test_model_only_refuses_arrays(name):
+    est = MODEL_ONLY[name]()
+    for X in (gradients().numpy(), gradients(), dict_gradients()[0]):
+        with pytest.raises(TypeError, match=f"{name} cannot fit from an array of gradients"):
+            est.fit(X)
+    assert not hasattr(est, "n_features_in_")
+
+
+@pytest.mark.parametrize("name", MODEL_ONLY_NAMES)
+def test_model_only_contract(name, tmp_path):
+    est, G = fit_model_only(name)
+    params = est.get_params()
+    assert not any(k.endswith("_") for k in params)
+    twin = sklearn.base.clone(est)
+    assert twin.get_params() == params and repr(est).startswith(name + "(")
+    with pytest.raises(NotFittedError):
+        twin.transform(G)
+    # layout: flat vectors, dicts keyed like param_shapes_, numpy in -> numpy out
+    assert est.n_features_in_ == G.shape[1]
+    out_t = est.transform(G)
+    assert isinstance(out_t, torch.Tensor) and out_t.dtype == torch.float32
+    out_np = est.transform(G.numpy())
+    assert isinstance(out_np, np.ndarray) and out_np.dtype == np.float32
+    same(out_np, out_t)
+    D = ak._vectors.split(G, est.param_shapes_)
+    same(est.transform(dict(reversed(D.items()))), out_t)
+    names = est.get_feature_names_out()
+    assert len(names) == out_t.shape[1] and names[0] == name.lower() + "0"
+    # pickling: same output, original unchanged
+    before = est.transform(G[:5])
+    same(pickle.loads(pickle.dumps(est)).transform(G[:5]), before, rtol=1e-6)
+    joblib.dump(est, tmp_path / "est.joblib")
+    same(joblib.load(tmp_path / "est.joblib").transform(G[:5]), before, rtol=1e-6)
+    same(est.transform(G[:5]), before, rtol=0)
+    assert est.to("cpu") is est
+
+
+@pytest.mark.parametrize("name", MODEL_ONLY_NAMES)
+def test_model_only_bad_input_and_atomic_fit(name):
+    est, G = fit_model_only(name)
+    p = G.shape[1]
+    with pytest.raises(ValueError, match=f"X has {p - 1} features, but .* expecting {p} features"):
+        est.transform(G[:, :-1])
+    bad = G[:3].clone()
+    bad[1, 2] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        est.transform(bad)
+    with pytest.raises(ValueError, match="2-D"):
+        est.transform(G[0])
+    with pytest.raises(ValueError, match="keys"):
+        est.transform({"features": G[:3]})
+    before, state = est.transform(G[:4]), dict(est.__dict__)
+    with pytest.raises(ValueError):
+        type(est)(layers=["1"]).fit(mlp())  # a Tanh: not a supported layer
+    with pytest.raises(ValueError):
+        est.set_params(layers=["nope"]).fit(torch.nn.Linear(3, 2))
+    assert est.__dict__.keys() == state.keys()
+    same(est.transform(G[:4]), before, rtol=0)
+    with pytest.raises(ValueError, match="config"):
+        type(est)(config="cpu").fit(mlp())

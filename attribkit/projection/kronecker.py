@@ -221,10 +221,6 @@ class KroneckerProjector(BaseEstimator):
         self._layer_params = [(layer.weight_name, layer.bias_name) for layer in covered]
         self._set_layout(hooks.param_layout(covered))
 
-    @property
-    def _n_features_out(self) -> int:
-        return self.proj_dim_
-
     # ------------------------------------------------------------ matrices
     def _init_transient(self) -> None:
         self._mats = {}  # position -> (P_in, P_out), built on first use
