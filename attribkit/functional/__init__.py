@@ -19,11 +19,12 @@ from .fisher import (
     ifvp_explicit,
     manual_cache_forward,
 )
-from .projection import random_project
+from .projection import arnoldi_project, random_project
 
 __all__ = [
     # projection
     "random_project",
+    "arnoldi_project",
     # inverse-Fisher-vector products
     "ifvp_explicit",
     "ifvp_at_x_explicit",

@@ -9,8 +9,9 @@ import torch
 from reference import assert_close
 
 from attribkit.config import ComputeConfig
-from attribkit.functional import random_project
+from attribkit.functional import arnoldi_project, random_project
 from attribkit.functional.projection import ensemble_seed
+from attribkit.projection.arnoldi import ArnoldiProjector
 from attribkit.projection.random import RandomProjector
 
 F32 = ComputeConfig(dtype="float32", progress=False)
@@ -129,3 +130,86 @@ def test_random_project_bad_input():
         project({k: v for k, v in list(grads.items())[:2]})
     with pytest.raises(ValueError, match="m=6 examples"):
         project({k: v[: 3 if k.endswith("bias") else 6] for k, v in grads.items()})
+
+
+# ------------------------------------------------------------------ arnoldi_project
+def _quadratic(p=8, n=30, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    G = torch.randn(n, p, generator=g, dtype=torch.float64)
+    H = G.T @ G / n
+
+    def f(x):
+        return 0.5 * x @ H @ x
+
+    x = torch.randn(p, generator=g, dtype=torch.float64)
+    return f, x, H, G
+
+
+def _restricted_inverse(H, k, V):
+    values, vectors = torch.linalg.eigh(H)
+    top = torch.argsort(values.abs(), descending=True)[:k]
+    U, lam = vectors[:, top].T, values[top]
+    return ((V @ U.T) / lam) @ U
+
+
+def test_arnoldi_project_exact_inverse_hessian():
+    def f(x):
+        return (x**4).sum() / 4 + (x[:-1] * x[1:]).sum() + 2 * (x**2).sum()
+
+    x = torch.linspace(-1.0, 1.5, 7, dtype=torch.float64)
+    H = torch.func.hessian(f)(x)
+    V = torch.randn(5, 7, dtype=torch.float64)
+    project = arnoldi_project(7, f, x, proj_dim=7)
+    assert_close(project(V), torch.linalg.solve(H, V.T).T)
+    for mode in ("rev-rev", "rev-fwd"):
+        shifted = arnoldi_project(7, f, x, proj_dim=7, regularization=0.5, mode=mode)
+        assert_close(
+            shifted(V), torch.linalg.solve(H + 0.5 * torch.eye(7, dtype=torch.float64), V.T).T
+        )
+    # norm_constant scales the result by its square, as in the reference.
+    assert_close(arnoldi_project(7, f, x, proj_dim=7, norm_constant=3.0)(V), 9 * project(V))
+    # One 1-D feature, and a dict of features shaped like named_parameters().
+    assert_close(project(V[0]), project(V)[0])
+    assert_close(project({"a": V[:, :3], "b": V[:, 3:].reshape(5, 2, 2)}), project(V))
+
+
+def test_arnoldi_project_top_k_is_arnoldi_projector_ihvp():
+    f, x, H, G = _quadratic()
+    V = torch.randn(4, 8, dtype=torch.float64)
+    # max_iter counts the start vector, as in the reference: max_iter - 1 products.
+    project = arnoldi_project(8, f, x, proj_dim=3, max_iter=9, seed=4)
+    assert_close(project(V), _restricted_inverse(H, 3, V), rtol=1e-8)
+    est = ArnoldiProjector(proj_dim=3, max_iter=8, seed=4, config=ComputeConfig(dtype="float64"))
+    assert_close(project(V), est.fit(G).ihvp(V), rtol=1e-8)
+    # Fewer iterations: the same Krylov space as the estimator's.
+    short = arnoldi_project(8, f, x, proj_dim=2, max_iter=5, seed=4)
+    est = ArnoldiProjector(proj_dim=2, max_iter=4, seed=4, config=ComputeConfig(dtype="float64"))
+    assert_close(short(V), est.fit(G).ihvp(V), rtol=1e-8)
+
+
+def test_arnoldi_project_keeps_negative_curvature_and_torch_rng():
+    x = torch.randn(10, dtype=torch.float64)
+    V = torch.randn(20, 10, dtype=torch.float64)
+    state = torch.get_rng_state()
+    project = arnoldi_project(10, lambda x: torch.sin(x).sum(), x, proj_dim=10)
+    assert torch.equal(torch.get_rng_state(), state)  # the reference reseeds torch
+    assert_close(project(V), V / -torch.sin(x), rtol=1e-8)  # the Hessian is diag(-sin x)
+
+
+def test_arnoldi_project_bad_input():
+    f, x, _, _ = _quadratic()
+    with pytest.raises(ValueError, match="'feature_dim' parameter of arnoldi_project"):
+        arnoldi_project(7, f, x)
+    with pytest.raises(ValueError, match="'argnums' parameter"):
+        arnoldi_project(8, f, x, argnums=1)
+    with pytest.raises(ValueError, match="'mode' parameter"):
+        arnoldi_project(8, f, x, mode="fwd-fwd")
+    with pytest.raises(ValueError, match="'regularization' parameter"):
+        arnoldi_project(8, f, x, regularization=-1.0)
+    with pytest.raises(TypeError, match="'x' parameter"):
+        arnoldi_project(8, f, [x])
+    with pytest.raises(ValueError, match="single-element tensor"):
+        arnoldi_project(8, lambda x: x * 2, x)
+    project = arnoldi_project(8, f, x, proj_dim=2)
+    with pytest.raises(ValueError, match="feature_dim=8"):
+        project(torch.randn(3, 9, dtype=torch.float64))
