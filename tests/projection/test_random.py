@@ -130,3 +130,51 @@ def test_cuda_matches_cpu_bit_for_bit():
         ).fit(X)
         assert torch.equal(cpu._get_engine().matrix(), gpu._get_engine().matrix().cpu())
         torch.testing.assert_close(gpu.transform(X).cpu(), cpu.transform(X), rtol=1e-4, atol=1e-4)
+
+
+def test_params_restrict_the_model_layout():
+    # A last-layer projection: fit(model, params) learns only those parameters' layout.
+    model = mlp()  # Linear(5, 4) - Tanh - Linear(4, 3)
+    X, y = torch.randn(6, 5, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 2])
+    last = ["2.weight", "2.bias"]
+    proj = ak.RandomProjector(proj_dim=8, params=last, config=F64).fit(model)
+    assert list(proj.param_shapes_) == last and proj.n_features_in_ == 15
+    G = ak.per_example_gradients(model, (X, y), params=last, config=F64)
+    full = ak.RandomProjector(proj_dim=8, config=F64).fit(model)
+    assert_same = torch.testing.assert_close
+    assert_same(proj.transform(G), ak.RandomProjector(proj_dim=8, config=F64).fit(G).transform(G))
+    assert full.n_features_in_ == 39
+    with pytest.raises(ValueError, match="'params' parameter of RandomProjector names"):
+        ak.RandomProjector(params=["nope"]).fit(model)
+    with pytest.raises(ValueError, match="'params' parameter of RandomProjector"):
+        ak.RandomProjector(params="2.weight").fit(model)
+    assert ak.RandomProjector(params=last).get_params()["params"] == last
+
+
+def test_warns_when_proj_dim_exceeds_n_features():
+    from sklearn.exceptions import DataDimensionalityWarning
+
+    with pytest.warns(DataDimensionalityWarning, match=r"n_features < proj_dim \(10 < 16\)"):
+        ak.RandomProjector(proj_dim=16).fit(torch.randn(4, 10))
+    with pytest.warns(DataDimensionalityWarning):
+        ak.RandomProjector(proj_dim=64).fit(mlp())
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ak.RandomProjector(proj_dim=10).fit(torch.randn(4, 10))
+
+
+@pytest.mark.parametrize("proj_type", ["rademacher", "sjlt"])
+def test_progress_bar_when_blocks_are_regenerated(proj_type, capsys):
+    X = data(n=3, p=6000)
+    # 6000 x 64 float64 = 3 MB (sjlt index 48 kB): a 64 KiB budget regenerates blocks.
+    cfg = ak.ComputeConfig(dtype="float64", progress=True, memory_budget=64 * 2**10)
+    proj = ak.RandomProjector(proj_dim=64, proj_type=proj_type, config=cfg).fit(X)
+    streamed = proj.transform(X)
+    assert "RandomProjector blocks" in capsys.readouterr().err
+    cached = ak.RandomProjector(proj_dim=64, proj_type=proj_type, config=F64).fit(X)
+    torch.testing.assert_close(streamed, cached.transform(X), rtol=1e-12, atol=1e-12)
+    quiet = ak.ComputeConfig(dtype="float64", progress=False, memory_budget=64 * 2**10)
+    ak.RandomProjector(proj_dim=64, proj_type=proj_type, config=quiet).fit(X).transform(X)
+    assert capsys.readouterr().err == ""
