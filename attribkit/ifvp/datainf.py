@@ -17,6 +17,7 @@ from collections import Counter, OrderedDict
 import torch
 
 from .. import _validation as V
+from .._distributed import Reducer, reducer
 from .._gradients import iter_gradients, param_shapes, select_params
 from .._vectors import flatten_dict
 from ..base import BaseEstimator
@@ -65,6 +66,26 @@ class DataInfIFVP(BaseEstimator):
     DataInf must keep the per-example training gradients: fitting stores an
     ``(n_samples, n_features)`` matrix in ``config.dtype`` (split by layer);
     ``memory_budget`` bounds only the temporaries of ``transform``.
+
+    **Distributed.** With ``config.distributed`` on and a ``torch.distributed``
+    process group of ``W > 1`` ranks, a model-mode ``fit`` is collective:
+    every rank passes its own shard of the data (uneven shards, or an empty
+    one, are fine as long as the union is not empty) and keeps only its
+    shard's gradients, so the memory is split over the ranks. The example
+    counts and, for ``damping="auto"``, the per-layer sums of squared norms
+    are reduced, so ``damping_`` and ``n_samples_`` are those of the union.
+    ``transform`` is then collective too: **every rank must call it, with
+    the same vectors**; each computes its shard's partial sums
+    ``((V G_rᵀ) * c_r) G_r`` and one all-reduce of an ``(m, n_features)``
+    tensor adds them, so every rank gets the single-process result. Before
+    that the ranks all-gather the shape and checksums of their arguments:
+    different shapes or values, or a rank whose input is invalid, make every
+    rank raise ``ValueError`` instead of hanging (a rank that does not call
+    ``transform`` at all still blocks the others until the process group's
+    timeout). ``attribkit.influence`` and ``self_influence`` call it the same
+    way, so they are collective with such an estimator. A pickled shard
+    refuses to ``transform`` outside its process group. Array-mode fits stay
+    local.
 
     Parameters
     ----------
@@ -128,7 +149,12 @@ default="module"
         float64, computed from the gradients before they are cast to
         ``config.dtype``.
     n_samples_ : int
-        Number of training examples ``n``.
+        Number of training examples ``n`` (over all ranks after a
+        distributed fit).
+    shard_sizes_ : tuple of int
+        Examples held by each rank, in rank order: ``(n_samples_,)`` after
+        a single-process fit; after a distributed fit ``train_gradients_``
+        holds this rank's ``shard_sizes_[rank]`` rows only.
     n_features_in_ : int
         Length of the flat vectors the estimator accepts.
     param_shapes_ : OrderedDict
@@ -304,18 +330,24 @@ default="module"
         self._resolve_layers(model_mode=True)
         blocks: list[list[torch.Tensor]] = [[] for _ in self._segments]
         norms: list[list[torch.Tensor]] = [[] for _ in self._segments]
-        for grads in iter_gradients(
-            model,
-            data,
-            loss=self.loss,
-            params=self.params,
-            config=config,
-            owner=self,
-            desc="DataInf gradients",
-        ):
-            flat = flatten_dict(grads, shapes)
-            self._collect(flat, blocks, norms, config)
-        self._finish(blocks, norms)
+        red = reducer(config, "DataInfIFVP.fit", device=self._device)
+        # Distributed: this rank's shard (possibly empty) stays here; every
+        # rank stops together if any rank's pass fails.
+        with red.shard_pass("DataInfIFVP.fit") as shard:
+            for grads in iter_gradients(
+                model,
+                data,
+                loss=self.loss,
+                params=self.params,
+                config=config,
+                owner=self,
+                desc="DataInf gradients",
+            ):
+                flat = flatten_dict(grads, shapes)
+                self._collect(flat, blocks, norms, config)
+                shard.count += flat.shape[0]
+            self._check_norms([torch.cat(parts) for parts in norms])
+        self._finish(blocks, norms, red)
 
     def _fit_array(self, G: torch.Tensor, config: ComputeConfig) -> None:
         self._resolve_layers(model_mode=False)
@@ -336,9 +368,7 @@ default="module"
             # torch.cat in _finish copies, so a view of the user's array is never kept.
             blocks[k].append(g.to(device=self._device, dtype=config.torch_dtype))
 
-    def _finish(self, blocks, norms) -> None:
-        sq_norms = [torch.cat(parts) for parts in norms]
-        n = int(sq_norms[0].shape[0])
+    def _check_norms(self, sq_norms) -> None:
         for k, s in enumerate(sq_norms):
             if not bool(torch.isfinite(s).all()):
                 raise ValueError(
@@ -346,11 +376,29 @@ default="module"
                     "infinity (or overflow when squared); check the model, the data and "
                     "the loss."
                 )
+
+    def _finish(self, blocks, norms, red: Reducer | None = None) -> None:
+        red = Reducer(False) if red is None else red
+        widths = [sum(e - s for s, e in segments) for segments in self._segments]
+        if not norms[0]:  # an empty shard on this rank of a distributed fit
+            norms = [[torch.zeros(0, dtype=torch.float64, device=self._device)] for _ in norms]
+            blocks = [
+                [torch.zeros(0, d, dtype=self._config.torch_dtype, device=self._device)]
+                for d in widths
+            ]
+        sq_norms = [torch.cat(parts) for parts in norms]
+        self._check_norms(sq_norms)
+        # Distributed: the example counts of every shard and the per-layer
+        # sums of squared norms are reduced; the gradients stay on their rank.
+        sizes = [r[0] for r in red.gather_ints([sq_norms[0].shape[0]])]
+        n = sum(sizes)
+        sums = torch.stack([s.sum() for s in sq_norms])
+        red.sum_(sums)
         if self.damping == "auto":
             damping = []
-            for k, s in enumerate(sq_norms):
-                d = int(blocks[k][0].shape[1])
-                lam = 0.1 * float(s.mean()) / d if d else 0.0
+            for k in range(len(sq_norms)):
+                d = widths[k]
+                lam = 0.1 * float(sums[k]) / n / d if d else 0.0
                 if not lam > 0:
                     raise ValueError(
                         f"damping='auto' of {type(self).__name__} is 0.1 × the mean squared "
@@ -371,12 +419,70 @@ default="module"
         self.train_gradients_ = train
         self.train_sq_norms_ = sq_norms
         self.n_samples_ = n
+        self.shard_sizes_ = tuple(sizes)
+        self._shard_rank = red.rank
 
     # ------------------------------------------------------------ transform
+    def transform(self, vectors):
+        """Apply the layer-wise DataInf IFVP to a batch of vectors.
+
+        After a distributed fit (``len(shard_sizes_) > 1``) this is a
+        collective call: every rank of the process group must call it
+        together, with the same vectors, and gets the same result (see the
+        class docstring). Ranks that pass arguments of different shapes or
+        values, or a rank whose input is invalid, make every rank raise
+        ``ValueError`` instead of hanging.
+
+        Parameters
+        ----------
+        vectors : ndarray, torch.Tensor of shape (m, n_features), or dict
+            Flat vectors, or a dict ``name -> (m, *shape)`` keyed like
+            ``param_shapes_``.
+
+        Returns
+        -------
+        ndarray, torch.Tensor or dict
+            Same container and shapes as ``vectors``, in ``config.dtype``.
+        """
+        if len(getattr(self, "shard_sizes_", ())) <= 1:
+            return super().transform(vectors)
+        red = self._shard_reducer()
+        before = getattr(self, "_collective_calls", 0)
+        try:
+            return super().transform(vectors)
+        except Exception:
+            if getattr(self, "_collective_calls", 0) == before:
+                # This rank failed before the collective: tell the others,
+                # which would otherwise wait for it, then raise its own error.
+                red.agree("DataInfIFVP.transform", failed=True)
+            raise
+
+    def _shard_reducer(self) -> Reducer:
+        """The reducer of the process group this estimator was fitted across."""
+        sizes, rank = self.shard_sizes_, self._shard_rank
+        try:
+            red = reducer(self._config, "DataInfIFVP.transform", device=self._device)
+        except RuntimeError:
+            red = Reducer(False)
+        if not red.active or red.world_size != len(sizes) or red.rank != rank:
+            now = (
+                f"rank {red.rank} of {red.world_size}" if red.active else "no process group"
+            )
+            raise RuntimeError(
+                f"This DataInfIFVP was fitted across {len(sizes)} processes and holds only "
+                f"rank {rank}'s shard of the training gradients ({sizes[rank]} of "
+                f"{self.n_samples_} examples), so transform must be called together by every "
+                f"rank of that process group (it all-reduces partial sums over the shards). "
+                f"Here there is {now}. Refit in one process for a self-contained estimator."
+            )
+        return red
+
     def _transform(self, V: torch.Tensor) -> torch.Tensor:
         # Half precisions store compactly but multiply in float32.
         compute = V.dtype if V.dtype in (torch.float32, torch.float64) else torch.float32
         V = V.to(compute)
+        if len(getattr(self, "shard_sizes_", ())) > 1:
+            return self._transform_sharded(V)
         if len(self._segments) == 1 and self._segments[0] == [(0, self.n_features_in_)]:
             return self._layer_ifvp(0, V)
         out = torch.empty_like(V)
@@ -387,6 +493,58 @@ default="module"
                 out[:, s:e] = result[:, start : start + e - s]
                 start += e - s
         return out
+
+    def _transform_sharded(self, V: torch.Tensor) -> torch.Tensor:
+        """The IFVP from this rank's shard: partial sums all-reduced, once per call.
+
+        Every rank computes ``((V G_rᵀ) * c_r) G_r`` over its own examples
+        for all layers into one ``(m, n_features)`` tensor, which one
+        all-reduce sums; the shards' sum is the single-process sum.
+        """
+        red = self._shard_reducer()
+        self._collective_calls = getattr(self, "_collective_calls", 0) + 1
+        red.agree(
+            "DataInfIFVP.transform",
+            shape=V.shape,
+            fingerprint=(
+                float(torch.linalg.vector_norm(V, ord=1, dtype=torch.float64)),
+                float(V.sum(dtype=torch.float64)),
+                float((V @ torch.cos(torch.arange(V.shape[1], device=V.device)).to(V.dtype)).sum(
+                    dtype=torch.float64
+                )),
+            ),
+        )
+        correction = torch.zeros_like(V)
+        for k, segments in enumerate(self._segments):
+            part = self._layer_correction(k, self._gather(V, segments))
+            start = 0
+            for s, e in segments:
+                correction[:, s:e] = part[:, start : start + e - s]
+                start += e - s
+        red.sum_(correction)
+        out = V - correction
+        for k, segments in enumerate(self._segments):
+            for s, e in segments:
+                out[:, s:e] /= self.damping_[k]
+        return out
+
+    def _layer_correction(self, k: int, Vl: torch.Tensor) -> torch.Tensor:
+        """``((V Gᵀ) * c) G`` over this rank's examples of layer ``k``, chunked."""
+        G = self.train_gradients_[k]
+        lam = self.damping_[k]
+        rows, d = G.shape
+        m = Vl.shape[0]
+        c = (1.0 / (self.n_samples_ * (lam + self.train_sq_norms_[k]))).to(Vl.dtype)
+        itemsize = torch.finfo(Vl.dtype).bits // 8
+        per_example = itemsize * max(1, m + (d if G.dtype != Vl.dtype else 0))
+        chunk = max(1, min(rows, self._config.memory_budget // per_example))
+        acc = torch.zeros_like(Vl)
+        for s in range(0, rows, chunk):
+            Gc = G[s : s + chunk].to(Vl.dtype)
+            coef = Vl @ Gc.T
+            coef.mul_(c[s : s + chunk])
+            acc.addmm_(coef, Gc)
+        return acc
 
     def _layer_ifvp(self, k: int, Vl: torch.Tensor) -> torch.Tensor:
         """``(1/λ)(V − ((V Gᵀ) * c) G)`` for one layer, chunked over examples."""

@@ -21,6 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import _validation as V
+from .._distributed import Reducer, reducer
 from .._gradients import iter_gradients, param_shapes, select_params
 from .._vectors import flatten_dict
 from ..base import BaseEstimator
@@ -216,6 +217,23 @@ class ExplicitIFVP(BaseEstimator):
     eigenvalues, and loses accuracy ``eps * ||F|| / damping`` (the forward
     error the dense form has at that condition number too).
 
+    **Distributed.** With ``config.distributed`` on and a ``torch.distributed``
+    process group of ``W > 1`` ranks, a model-mode ``fit`` is collective:
+    every rank calls it with its own shard of the data (shards may be uneven,
+    a rank's may be empty as long as the union is not) and ends with the
+    fitted state one process would get on the union, in rank order. The
+    memory limit is the smallest over ranks and the solver is decided from
+    the global row count, so every rank takes the same one. Dense form: one
+    all-reduce of the ``p x p`` float64 sum ``G^T G`` (``8 p^2`` bytes) and
+    of the counts, once per fit. Kernel form: the kept gradients are
+    all-gathered so every rank holds all ``n`` of them and the same
+    ``n x n`` factor: each rank receives ``8 n p`` bytes, holds the full
+    ``8 n p + 16 n^2`` state (not its shard's share) and, during the
+    gather, ``W`` buffers of the largest shard's rows besides. A rank that
+    fails makes every rank raise. ``fisher="true"`` samples targets on each
+    rank from its own torch generator, so it is a different (equally valid)
+    draw than one process makes. Array-mode fits stay local.
+
     **The seed's reference.** dattri's ``ifvp_explicit`` builds its matrix
     as ``g @ g.T`` from a 1-D gradient, which is a scalar; here ``F`` is the
     real ``p x p`` matrix ``G^T G / n``.
@@ -315,7 +333,12 @@ class ExplicitIFVP(BaseEstimator):
             owner=self,
             desc="ExplicitIFVP Fisher",
         )
-        self._fit_chunks(self._model_chunks(batches, shapes), None, self._memory_limit())
+        red = reducer(config, "ExplicitIFVP.fit", device=self._device)
+        limit = self._memory_limit()
+        if red.active:
+            # Every rank must take the same solver: decide by the smallest memory.
+            limit = (limit[0], red.min_int(limit[1]))
+        self._fit_chunks(self._model_chunks(batches, shapes), None, limit, red)
 
     def _model_chunks(self, batches, shapes):
         """``(rows, examples)`` float64 chunks from the model's gradient batches.
@@ -372,7 +395,9 @@ class ExplicitIFVP(BaseEstimator):
     def _memory_limit(self) -> tuple[int, int]:
         return (self._config.memory_budget, _available_memory(self._device))
 
-    def _fit_chunks(self, chunks, n: int | None, limit: tuple[int, int]) -> None:
+    def _fit_chunks(
+        self, chunks, n: int | None, limit: tuple[int, int], red: Reducer | None = None
+    ) -> None:
         """Accumulate ``(rows, examples)`` float64 gradient chunks and factorise.
 
         A chunk is ``(r, p)`` rows standing for ``examples`` examples (``r``
@@ -380,26 +405,53 @@ class ExplicitIFVP(BaseEstimator):
         ``fisher="expected"``). ``n`` is the number of rows when known up
         front (array mode); ``None`` in model mode, where the solver is
         re-checked as rows arrive.
+
+        With an active reducer (a distributed model-mode fit) the chunks are
+        this rank's shard; after the pass the solver is decided again from
+        the global row count (the same on every rank, as ``limit`` is), then
+        ``F`` is all-reduced or the kept gradients all-gathered.
         """
+        red = Reducer(False) if red is None else red
         p = self.n_features_in_
         solver = self._resolve_solver(0 if n is None else n, p, limit)
         F = torch.zeros(p, p, dtype=_F64, device=self._device) if solver == "cholesky" else None
         kept: list[torch.Tensor] = []
         count = rows = 0
-        for chunk, examples in chunks:
-            count += examples
-            rows += chunk.shape[0]
-            if F is not None:
-                F.addmm_(chunk.T, chunk)
-                continue
-            kept.append(chunk)
-            if n is None:
-                solver = self._resolve_solver(rows, p, limit)
-                if solver == "cholesky":  # "auto" passed the break-even point
+        with red.shard_pass("ExplicitIFVP.fit") as shard:
+            for chunk, examples in chunks:
+                count += examples
+                rows += chunk.shape[0]
+                shard.count = count
+                if F is not None:
+                    F.addmm_(chunk.T, chunk)
+                    continue
+                kept.append(chunk)
+                if n is None:
+                    solver = self._resolve_solver(rows, p, limit)
+                    if solver == "cholesky":  # "auto" passed the break-even point
+                        F = torch.zeros(p, p, dtype=_F64, device=self._device)
+                        for c in kept:
+                            F.addmm_(c.T, c)
+                        kept = []
+        if red.active:
+            count, rows = shard.total, red.sum_int(rows)
+            # The break-even point and the memory checks are monotone in the row
+            # count, so a rank that switched to the dense form locally is never
+            # asked for the kernel form here.
+            solver = self._resolve_solver(rows, p, limit)
+            if solver == "cholesky":
+                if F is None:
                     F = torch.zeros(p, p, dtype=_F64, device=self._device)
                     for c in kept:
                         F.addmm_(c.T, c)
                     kept = []
+                red.sum_(F)
+            elif F is not None:  # pragma: no cover - excluded by the monotonicity above
+                raise RuntimeError("ExplicitIFVP: ranks disagree on the solver.")
+            else:
+                empty = torch.zeros(0, p, dtype=_F64, device=self._device)
+                local = torch.cat(kept) if kept else empty
+                kept = [red.gather_rows(local, "ExplicitIFVP's per-example gradients")]
         self.solver_ = solver
         self.n_samples_ = count
         if solver == "cholesky":
