@@ -1,9 +1,11 @@
 """A new user's first hour (issue 7): errors naming their cause, data in the forms users have."""
 
+import numpy as np
 import pytest
 import torch
 from cases import classification_data, mlp
 from reference import assert_close, damped_fisher, loop_per_example_gradients
+from sklearn.pipeline import make_pipeline
 from torch.utils.data import DataLoader
 
 import attribkit as ak
@@ -136,3 +138,83 @@ def test_explicit_auto_damping_refuses_zero_gradients():
 def test_singular_message_suggests_auto_not_the_damping_in_use():
     with pytest.raises(ValueError, match=r"Use damping > 0: damping='auto'.*weight decay"):
         ak.ExplicitIFVP(config=F64).fit(torch.randn(3, 5, dtype=torch.float64))
+
+
+# ----------------------------------------------------------------- 9. scikit-learn citizenship
+def test_feature_names_out():
+    G = torch.randn(10, 7, dtype=torch.float64)
+    proj = ak.RandomProjector(proj_dim=3).fit(G)
+    assert list(proj.get_feature_names_out()) == [f"randomprojector{i}" for i in range(3)]
+    ifvp = ak.ExplicitIFVP(damping=0.1).fit(G)
+    assert list(ifvp.get_feature_names_out()) == [f"x{i}" for i in range(7)]
+    names = [f"g{i}" for i in range(7)]
+    assert list(ifvp.get_feature_names_out(names)) == names  # passed through
+    with pytest.raises(ValueError, match="input_features"):
+        ifvp.get_feature_names_out(names[:3])
+    with pytest.raises(ValueError, match="input_features"):
+        proj.get_feature_names_out(names[:3])
+    model = torch.nn.Linear(2, 2)
+    datainf = ak.DataInfIFVP().fit(model, (torch.randn(4, 2), torch.tensor([0, 1, 1, 0])))
+    assert list(datainf.get_feature_names_out()) == [
+        "weight[0]",
+        "weight[1]",
+        "weight[2]",
+        "weight[3]",
+        "bias[0]",
+        "bias[1]",
+    ]
+    pipe = make_pipeline(ak.RandomProjector(proj_dim=3), ak.DataInfIFVP()).fit(G)
+    assert list(pipe.get_feature_names_out()) == [f"randomprojector{i}" for i in range(3)]
+
+
+def test_set_output_pandas_in_a_pipeline():
+    pd = pytest.importorskip("pandas")
+    G = np.random.default_rng(0).normal(size=(12, 9))
+    pipe = make_pipeline(ak.RandomProjector(proj_dim=4), ak.ExplicitIFVP(damping=0.1)).set_output(
+        transform="pandas"
+    )
+    out = pipe.fit(G).transform(G[:3])
+    assert isinstance(out, pd.DataFrame)
+    assert list(out.columns) == [f"randomprojector{i}" for i in range(4)]
+    plain = make_pipeline(ak.RandomProjector(proj_dim=4), ak.ExplicitIFVP(damping=0.1))
+    np.testing.assert_allclose(out.to_numpy(), plain.fit(G).transform(G[:3]), rtol=1e-6)
+    # A DataFrame's column names are recorded and passed through by an IFVP.
+    frame = pd.DataFrame(G, columns=[f"c{i}" for i in range(9)])
+    ifvp = ak.ExplicitIFVP(damping=0.1).fit(frame)
+    assert list(ifvp.feature_names_in_) == list(frame.columns)
+    assert list(ifvp.get_feature_names_out()) == list(frame.columns)
+    # influence takes the pandas-output Pipeline too.
+    scores = ak.influence(pipe, G, G[:3])
+    assert scores.shape == (3, 12)
+
+
+def test_set_output_default_is_unchanged():
+    G = np.random.default_rng(0).normal(size=(12, 9))
+    pipe = make_pipeline(ak.RandomProjector(proj_dim=4), ak.ExplicitIFVP(damping=0.1))
+    assert isinstance(pipe.set_output(transform="default").fit(G).transform(G), np.ndarray)
+
+
+def test_array_mode_memory_error_does_not_suggest_params(monkeypatch):
+    import attribkit.ifvp.explicit as explicit
+
+    monkeypatch.setattr(explicit, "_available_memory", lambda device: 0)
+    tiny = ak.ComputeConfig(memory_budget=1000)
+    with pytest.raises(ValueError, match="cannot fit in memory") as info:
+        ak.ExplicitIFVP(config=tiny).fit(torch.randn(30, 20))
+    assert "params=" not in str(info.value) and "fewer features" in str(info.value)
+    model, (X, y) = mlp(), classification_data()
+    with pytest.raises(ValueError, match=r"cannot fit in memory.*params=\[\.\.\.\]"):
+        ak.ExplicitIFVP(config=tiny).fit(model, (X, y))
+
+
+# ----------------------------------------------------------------- 8. progress where work is long
+def test_progress_for_array_mode_factorisation(capsys):
+    cfg = ak.ComputeConfig(dtype="float64", progress=True, memory_budget=3_000)
+    ak.ExplicitIFVP(damping=0.1, solver="cholesky", config=cfg).fit(torch.randn(40, 12))
+    err = capsys.readouterr().err
+    assert "ExplicitIFVP Fisher" in err and "Cholesky of the 12 x 12 Fisher" in err
+    ak.ExplicitIFVP(damping=0.1, solver="woodbury", config=cfg).fit(torch.randn(5, 12))
+    assert "Cholesky of the 5 x 5 kernel" in capsys.readouterr().err
+    quiet = ak.ComputeConfig(dtype="float64", progress=False, memory_budget=3_000)
+    ak.ExplicitIFVP(damping=0.1, config=quiet).fit(torch.randn(40, 12))
+    assert capsys.readouterr().err == ""
