@@ -267,10 +267,13 @@ def test_model_mode_bad_data(name):
 #: layer's gradient as a (d_out, d_in) matrix; an array (or dict) of gradients does
 #: not say which entries form which layer, so array-mode fit raises TypeError and
 #: scikit-learn's estimator checks (all array mode) do not apply to them.
+#: EKFACIFVP needs each layer's inputs and output gradients, which gradients alone
+#: do not give (s a^T does not determine a a^T and s s^T): model mode only as well.
 MODEL_ONLY = {
     "KroneckerProjector": lambda config=None: ak.KroneckerProjector(
         in_dim=3, out_dim=2, config=config
     ),
+    "EKFACIFVP": lambda config=None: ak.EKFACIFVP(config=config),
 }
 MODEL_ONLY_NAMES = list(MODEL_ONLY)
 
@@ -308,9 +311,17 @@ def test_model_only_contract(name, tmp_path):
     assert isinstance(out_np, np.ndarray) and out_np.dtype == np.float32
     same(out_np, out_t)
     D = ak._vectors.split(G, est.param_shapes_)
-    same(est.transform(dict(reversed(D.items()))), out_t)
+    out_d = est.transform(dict(reversed(D.items())))
+    if est._is_ifvp:  # dict in, dict out, keyed and shaped like param_shapes_
+        assert list(out_d) == list(est.param_shapes_)
+        out_d = ak._vectors.flatten_dict(out_d, est.param_shapes_)
+    same(out_d, out_t)
     names = est.get_feature_names_out()
-    assert len(names) == out_t.shape[1] and names[0] == name.lower() + "0"
+    assert len(names) == out_t.shape[1]
+    if est._is_ifvp:  # IFVPs pass their input names through
+        assert out_t.shape == G.shape and names[0] == f"{next(iter(est.param_shapes_))}[0]"
+    else:
+        assert names[0] == name.lower() + "0"
     # pickling: same output, original unchanged
     before = est.transform(G[:5])
     same(pickle.loads(pickle.dumps(est)).transform(G[:5]), before, rtol=1e-6)

@@ -100,9 +100,12 @@ class _Sum:
         self.trace = trace  # diagonal sum (square) or full sum (Λ)
         self.history: list[torch.Tensor] = []
 
-    def added(self, rows: int) -> None:
+    def added(self, rows: int, marker: torch.Tensor | None = None) -> None:
+        """Record an update of ``rows`` rows; ``marker``: a cheaper finite-iff-finite value."""
         part = self.partial
-        self.history.append(part.diagonal().sum() if self.trace else part.sum())
+        if marker is None:
+            marker = part.diagonal().sum() if self.trace else part.sum()
+        self.history.append(marker)
         self.rows += rows
         if part is not self.total and self.rows >= _FOLD_ROWS:
             self.fold()
@@ -258,19 +261,22 @@ class EKFACStatistics:
             if n_k > 1:
                 rs = rs.reshape(n_k, b, d_out).sum(0)
             L.partial.addmm_(rs.mT, ra)
+            # The sum of the update, sum_i |Q_S^T s_i|^2 |Q_A^T a_i|^2, is finite
+            # exactly when the update is (all terms >= 0), at O(b (d_in + d_out)).
+            marker = rs.sum(1).dot(ra.sum(1))
         else:
-            self._lambda_shared(L.partial, a, s, QA, QS)
-        L.added(b)
+            marker = self._lambda_shared(L.partial, a, s, QA, QS)
+        L.added(b, marker)
         self.lambda_examples[k] += b
 
-    def _lambda_shared(self, out, a, s, QA, QS) -> None:
-        """Weight sharing (tokens, positions): ``sum_i ((S_i Q_S)^T (A_i Q_A))^2``.
+    def _lambda_shared(self, out, a, s, QA, QS) -> torch.Tensor:
+        """Weight sharing (tokens, positions): add ``sum_i ((S_i Q_S)^T (A_i Q_A))^2``.
 
         Per example the gradient is ``S_i^T A_i``; rotating the factors first
         costs ``T (d_in^2 + d_out^2 + d_out d_in)`` per example, forming the
         gradient first ``T d_out d_in + d_out d_in (d_out + d_in)``: the
         cheaper order is taken. Examples go in chunks whose ``(chunk, d_out,
-        d_in)`` temporaries fit ``memory_budget``.
+        d_in)`` temporaries fit ``memory_budget``. Returns the update's sum.
         """
         n_k, b, t, d_out = s.shape
         d_in = a.shape[-1]
@@ -280,6 +286,7 @@ class EKFACStatistics:
             s = torch.matmul(s, QS)
         item = torch.finfo(self.dtype).bits // 8
         chunk = max(1, min(b, self.memory_budget // (2 * item * d_out * d_in)))
+        marker = out.new_zeros(())
         for kk in range(n_k):
             for start in range(0, b, chunk):
                 ac = a[start : start + chunk]
@@ -287,7 +294,10 @@ class EKFACStatistics:
                 G = torch.bmm(sc.mT, ac)  # (c, d_out, d_in)
                 if not rotate_first:
                     G = torch.matmul(QS.mT, torch.matmul(G, QA))
-                out.add_(G.square_().sum(0))
+                update = G.square_().sum(0)
+                marker += update.sum()
+                out.add_(update)
+        return marker
 
     def finish_lambda(self, reducer=None) -> list[torch.Tensor]:
         """Check, reduce (once) and normalise ``Λ``: float64 ``(d_out, d_in)`` per layer."""
