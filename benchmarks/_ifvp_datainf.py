@@ -5,7 +5,7 @@ vectors, float32, ``torch.set_num_threads(2)``. Three methods:
 
 * ``attribkit`` - ``DataInfIFVP(damping=λ).fit(G).transform(V)``, timing
   ``transform`` only (validation and container handling included);
-* ``vmap (dattri 0.1.0)`` - the seed's reference formulation, reimplemented:
+* ``vmap (dattri 0.1.0)`` - dattri 0.1.0's formulation, reimplemented:
   for each vector ``v`` separately, ``torch.func.vmap`` over the training
   examples of ``(v − (vᵀg)/(λ + ‖g‖²) g) / λ`` (an ``(n, p)`` temporary per
   vector, norms recomputed per call), then the mean over examples;

@@ -1,13 +1,13 @@
-"""ExplicitIFVP against the seed's per-call dense solve.
+"""ExplicitIFVP against dattri 0.1.0's per-call dense solve.
 
-The seed's reference (dattri ``ifvp_explicit``) answers every call with
+dattri 0.1.0's ``ifvp_explicit`` answers every call with
 ``torch.linalg.solve(F + damping I, v.T)``: an LU factorisation of the
 ``p x p`` matrix per call (and, in the reference, the Fisher rebuilt from the
 gradients per call too). ExplicitIFVP factorises once at fit and answers a
 call with two triangular solves (dense form) or two thin products and an
 ``n x n`` Cholesky solve (kernel form).
 
-Baselines, float32 like the seed with a float32 model: the per-call solve on
+Baselines, float32 like dattri with a float32 model: the per-call solve on
 the prebuilt damped matrix (the issue's baseline; building it is reported as
 its fit time) and the whole per-call work of the reference (build ``GᵀG/n +
 damping I`` from the gradients, then solve). ExplicitIFVP runs with the

@@ -1,12 +1,12 @@
-"""Inverse-Fisher-vector products: ExplicitIFVP and DataInfIFVP against the seed's way.
+"""Inverse-Fisher-vector products: ExplicitIFVP and DataInfIFVP against dattri 0.1.0's way.
 
 One table, measured side by side in one run (medians; ratios):
 
 * ExplicitIFVP, p=2000 n=5000 m=100 (dense form) and p=10,000 n=1000 m=100
   (kernel form): fit and transform time against a per-call
-  ``torch.linalg.solve`` on the damped ``p x p`` matrix (what the seed's
-  reference does; see ``_ifvp_explicit.py``).
-* DataInfIFVP, one layer p=50,000 n=1000 m=100: transform against the seed's
+  ``torch.linalg.solve`` on the damped ``p x p`` matrix (what dattri
+  0.1.0 does; see ``_ifvp_explicit.py``).
+* DataInfIFVP, one layer p=50,000 n=1000 m=100: transform against dattri's
   per-example ``vmap`` formulation and the two-matmul limit (each method in a
   fresh process for its own peak memory; see ``_ifvp_datainf.py``).
 

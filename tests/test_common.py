@@ -1,4 +1,4 @@
-"""The contract every estimator shares (API.md sections 2 and 5).
+"""The contract every estimator shares (``attribkit.BaseEstimator``'s docstring).
 
 One file runs every estimator through the same checks: scikit-learn's own
 estimator checks in array mode, get_params/clone, NotFittedError, pickling,
@@ -73,7 +73,7 @@ def same(a, b, rtol=1e-12):
 #: Checks that cannot pass by design, with the reason.
 EXPECTED_FAILED = {
     "check_fit_score_takes_y": (
-        "API.md names fit's arguments (model, data): in array mode `data` is sklearn's y"
+        "attribkit's fit takes (model, data): in array mode `data` stands for sklearn's y"
     ),
 }
 

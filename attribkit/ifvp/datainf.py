@@ -57,7 +57,7 @@ class DataInfIFVP(BaseEstimator):
     ``(m, n_chunk)`` temporary stays within ``config.memory_budget``. Layers
     are independent: the result is block-diagonal over layers.
 
-    The seed's reference implementation (dattri 0.1.0) uses a damping of 0
+    dattri 0.1.0's ``ifvp_datainf`` uses a damping of 0
     when ``regularization`` is None, which divides by zero (``1/λ``). This
     estimator never does: ``damping="auto"`` is the paper's automatic choice
     ``λ_l = 0.1 × mean_i ‖g_{l,i}‖² / d_l`` (a tenth of the layer's mean

@@ -234,7 +234,7 @@ class ExplicitIFVP(BaseEstimator):
     rank from its own torch generator, so it is a different (equally valid)
     draw than one process makes. Array-mode fits stay local.
 
-    **The seed's reference.** dattri's ``ifvp_explicit`` builds its matrix
+    **dattri 0.1.0.** Its ``ifvp_explicit`` builds its matrix
     as ``g @ g.T`` from a 1-D gradient, which is a scalar; here ``F`` is the
     real ``p x p`` matrix ``G^T G / n``.
 
