@@ -372,10 +372,14 @@ def test_jl_quality_within_documented_bounds(digits_gradients):
         rp = ak.RandomProjector(kp.proj_dim_, seed=seed, config=cfg).fit(G)
         dense.append(_distortion(G, rp.transform(G)))
     kron, dense = np.array(kron), np.array(dense)
-    # Measured over 20 seeds: Kronecker norm 0.13-0.33 (mean 0.21), inner product
-    # 0.056-0.19 (0.079); dense 0.031-0.046 (0.036) and 0.024-0.030 (0.027).
-    assert 0.10 < kron[:, 0].mean() < 0.33 and kron[:, 1].mean() < 0.19
-    assert dense[:, 0].mean() < 0.05 and dense[:, 1].mean() < 0.032
+    # Documented (seeds 0-19): Kronecker norm 0.148-0.413 per seed (mean 0.215), inner
+    # product 0.050-0.193 (0.078); dense 0.026-0.045 (0.037) and 0.023-0.029 (0.026).
+    # Seeds 0-4 measured: Kronecker 0.148-0.271 (mean 0.211), 0.061-0.100 (0.079);
+    # dense 0.034-0.043 (0.038), 0.024-0.029 (0.026).
+    assert 0.14 < kron[:, 0].min() and kron[:, 0].max() < 0.42 and 0.18 < kron[:, 0].mean() < 0.25
+    assert 0.05 < kron[:, 1].min() and kron[:, 1].max() < 0.20 and kron[:, 1].mean() < 0.09
+    assert 0.026 < dense[:, 0].min() and dense[:, 0].max() < 0.046
+    assert 0.023 < dense[:, 1].min() and dense[:, 1].max() < 0.030
     assert (kron[:, 0] > dense[:, 0]).all()  # the structure costs distortion ...
     # ... but squared norms are still preserved in expectation: the mean ratio over
     # seeds is near 1 (5 seeds: its spread is about 0.25 / sqrt(5) per gradient).
