@@ -14,6 +14,7 @@ from .fisher import (
     IFVPUsageError,
     MLPCache,
     ifvp_at_x_datainf,
+    ifvp_at_x_ekfac,
     ifvp_at_x_explicit,
     ifvp_datainf,
     ifvp_explicit,
@@ -30,6 +31,7 @@ __all__ = [
     "ifvp_at_x_explicit",
     "ifvp_datainf",
     "ifvp_at_x_datainf",
+    "ifvp_at_x_ekfac",
     # EK-FAC caching
     "MLPCache",
     "manual_cache_forward",
