@@ -34,7 +34,7 @@ from ..config import ComputeConfig
 from ..ifvp import _kfac_hooks as hooks
 from ._generator import _GAMMA, _MASK64, PROJ_TYPES, Projection, _mix64_int
 
-__all__ = ["KroneckerProjector"]
+__all__ = ["KroneckerProjector", "layer_seed"]
 
 _SIDES = {"in": 1, "out": 2}
 
@@ -77,12 +77,13 @@ class KroneckerProjector(BaseEstimator):
 
     Both matrices are JL matrices from the counter-based generator of
     :class:`~attribkit.RandomProjector`, scaled by ``1 / sqrt(k)`` so that
-    ``E ||P_out^T W P_in||_F^2 = ||W||_F^2``. The matrix of layer position
-    ``l`` and side ``in``/``out`` is the generator's matrix for the derived
-    seed :func:`layer_seed` ``(seed, l, side)``, so every entry is a pure
-    function of ``(seed, proj_type, l, side, i, j)``: the same on every
-    device, for every batch size, and never stored (the pickle holds only
-    the layout).
+    ``E ||P_out^T W P_in||_F^2 = ||W||_F^2``. The matrix of the layer at
+    position ``l`` of ``layers_`` and side ``in``/``out`` is the generator's
+    matrix for the derived seed :func:`layer_seed` ``(seed, l, side)``, so
+    every (unscaled) entry is a pure function of ``(seed, proj_type, l,
+    side, i, j)`` (for ``"sjlt"`` also of ``k``, as in RandomProjector): the
+    same on every device, for every batch size, and never stored (the pickle
+    holds only the layout; the matrices are regenerated on first use).
 
     Parameters
     ----------

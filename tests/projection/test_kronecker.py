@@ -385,3 +385,18 @@ def test_jl_quality_within_documented_bounds(digits_gradients):
     # seeds is near 1 (5 seeds: its spread is about 0.25 / sqrt(5) per gradient).
     mean_ratio = torch.stack(ratios).mean(0)
     assert abs(float(mean_ratio.median()) - 1) < 0.15
+
+
+@pytest.mark.cuda
+def test_cuda_matrices_bit_identical_and_hook_path():
+    model, X, y = _case("conv")
+    cpu = ak.KroneckerProjector(in_dim=4, out_dim=2, config=F64).fit(model)
+    gpu_cfg = ak.ComputeConfig(device="cuda", dtype="float64", batch_size=5)
+    gpu = ak.KroneckerProjector(in_dim=4, out_dim=2, config=gpu_cfg).fit(model)
+    for layer in cpu.layers_:
+        for a, b in zip(cpu.matrices(layer), gpu.matrices(layer)):
+            assert b.device.type == "cuda" and torch.equal(a, b.cpu())
+    ref = ak.per_example_gradients(model, (X, y), projector=cpu, config=F64)
+    got = ak.per_example_gradients(model.cuda(), (X, y), projector=gpu, config=gpu_cfg)
+    assert got.device.type == "cuda"
+    assert_close(got.cpu(), ref, rtol=1e-10)
