@@ -240,7 +240,11 @@ def influence(ifvp, train_vectors, test_vectors, top_k: int | None = None):
     preconditioned = est._transform(test).to(dtype)
     m = preconditioned.shape[0]
     side = _Side(est, pre, "train_vectors", owner)
-    rows = _block_rows(est, train, m, extra_per_row=0 if top_k is None else 2 * top_k * 8)
+    # The running merge concatenates the block's scores and int64 indices to the
+    # kept ones, for the top and the bottom alike.
+    item = torch.empty((), dtype=dtype).element_size()
+    merge = 0 if top_k is None else 2 * m * (item + 8)
+    rows = _block_rows(est, train, m, extra_per_row=merge)
     blocks = range(0, n, rows)
     if top_k is None:
         scores = torch.empty((m, n), dtype=dtype, device=est._device)

@@ -218,3 +218,34 @@ def test_progress_for_array_mode_factorisation(capsys):
     quiet = ak.ComputeConfig(dtype="float64", progress=False, memory_budget=3_000)
     ak.ExplicitIFVP(damping=0.1, config=quiet).fit(torch.randn(40, 12))
     assert capsys.readouterr().err == ""
+
+
+# ----------------------------------------------------------------- the trial, end to end
+def test_cnn_on_digits_as_a_new_user_would():
+    from sklearn.datasets import load_digits
+
+    X, y = load_digits(return_X_y=True)
+    X = (X[:40] / 16.0).reshape(-1, 1, 8, 8)  # float64 numpy, as sklearn gives it
+    y = y[:40].tolist()  # targets as a list
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 2, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(72, 10)
+    )  # float32
+    G = ak.per_example_gradients(model, (X, y))
+    assert G.dtype == torch.float32 and G.shape == (40, 20 + 730)
+    pipe = make_pipeline(ak.RandomProjector(proj_dim=32), ak.ExplicitIFVP(damping="auto"))
+    pipe.fit(G.numpy())
+    scores = ak.influence(pipe, G.numpy(), G[:5].numpy())
+    proj, ifvp = pipe[0], pipe[-1]
+    manual = ak.influence(ifvp, proj.transform(G.numpy()), proj.transform(G[:5].numpy()))
+    np.testing.assert_allclose(scores, manual, rtol=1e-6)
+    np.testing.assert_allclose(
+        ak.self_influence(pipe, G[:5].numpy()), np.diag(scores[:, :5]), rtol=1e-4
+    )
+    last = ak.RandomProjector(proj_dim=16, params=["3.weight", "3.bias"]).fit(model)
+    G_last = ak.per_example_gradients(model, (X, y), params=["3.weight", "3.bias"])
+    assert last.transform(G_last).shape == (40, 16)
+    X_nan = X.copy()
+    X_nan[17, 0, 4, 4] = np.nan
+    with pytest.raises(ValueError, match="example 17 of the data.*inputs of that example"):
+        ak.ExplicitIFVP(damping=1e-3).fit(model, (X_nan, y))
