@@ -9,6 +9,10 @@ One table, measured side by side in one run (medians; ratios):
 * DataInfIFVP, one layer p=50,000 n=1000 m=100: transform against dattri's
   per-example ``vmap`` formulation and the two-matmul limit (each method in a
   fresh process for its own peak memory; see ``_ifvp_datainf.py``).
+* EKFACIFVP, MLP 784-512-256-10 on 10,000 examples: fit against one
+  forward+backward epoch, kronfluence's EK-FAC and dattri's
+  ``ifvp_at_x_ekfac``; transform of 100 gradients against its matrix
+  products (a second table; see ``_ifvp_ekfac.py``).
 
 Run: ``OMP_WAIT_POLICY=PASSIVE python benchmarks/bench_ifvp.py [--quick]`` (``make bench``).
 """
@@ -16,6 +20,7 @@ Run: ``OMP_WAIT_POLICY=PASSIVE python benchmarks/bench_ifvp.py [--quick]`` (``ma
 import sys
 
 import _ifvp_datainf
+import _ifvp_ekfac
 import _ifvp_explicit
 from _util import print_table
 
@@ -40,6 +45,13 @@ def main():
             ("vs_limit", "x limit", "{:.2f}"),
             ("peak_mb", "peak MB", "{:.0f}"),
         ],
+    )
+    ekfac = _ifvp_ekfac.rows(quick=quick)
+    print_table(
+        f"EKFACIFVP, {ekfac[0]['case']}, 2 threads (x epoch: fit time / one forward+backward "
+        "epoch; x GEMMs: transform time / its matrix products alone)",
+        ekfac,
+        _ifvp_ekfac.COLUMNS,
     )
 
 
