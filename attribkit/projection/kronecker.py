@@ -340,8 +340,14 @@ class KroneckerProjector(BaseEstimator):
                 f"parameters KroneckerProjector covers ({list(self.param_shapes_)}) when "
                 f"projector is a KroneckerProjector. Got {params!r}."
             )
-        # The same modules on the model given now (raises naming a missing one).
-        covered, _ = hooks.resolve_layers(model, self.layers_, "per_example_gradients")
+        # The same modules on the model given now.
+        try:
+            covered, _ = hooks.resolve_layers(model, self.layers_, self)
+        except ValueError as exc:
+            raise ValueError(
+                "The model given to per_example_gradients does not match the layers the "
+                f"KroneckerProjector was fitted on ({self.layers_}): {exc}"
+            ) from exc
         layout = hooks.param_layout(covered)
         if layout != self.param_shapes_:
             fitted = dict(self.param_shapes_)

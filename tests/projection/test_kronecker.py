@@ -63,6 +63,18 @@ class PerToken(nn.Module):
         return self.net(x).transpose(1, 2)  # (N, C, T) for CrossEntropyLoss
 
 
+class Shared(nn.Module):
+    """One Linear applied twice (weight sharing): its gradient sums both calls."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(5, 5)
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.lin(torch.tanh(self.lin(x)))))
+
+
 def _case(name):
     g = torch.Generator().manual_seed(1)
     torch.manual_seed(0)
@@ -74,13 +86,15 @@ def _case(name):
     elif name == "tokens":
         model = TokenMLP().double()
         X, y = torch.randn(13, 4, 5, generator=g, dtype=torch.float64), torch.arange(13) % 3
+    elif name == "shared":
+        model, (X, y) = Shared().double(), classification_data(n=13)
     else:  # per-token targets
         model = PerToken().double()
         X, y = torch.randn(13, 4, 5, generator=g, dtype=torch.float64), _seq_targets(13, 4, 4, 2)
     return model, X, y
 
 
-CASES = ["mlp", "conv", "tokens", "per-token"]
+CASES = ["mlp", "conv", "tokens", "per-token", "shared"]
 
 
 # ----------------------------------------------------------------------------- hook path
