@@ -3,7 +3,13 @@
 ``data`` may be a ``torch.utils.data.DataLoader``, a ``Dataset`` (batched
 here, in order), a tuple ``(inputs, targets)`` of tensors or arrays, or any
 iterable of ``(inputs, targets)`` batches. Inputs may be a tensor, a tuple of
-tensors (positional arguments of the model) or a dict (keyword arguments).
+tensors (positional arguments of the model) or a dict (keyword arguments);
+targets a tensor, an array or a list of numbers. Floating-point inputs and
+targets are cast to the model's parameter dtype (``iter_batches(dtype=)``),
+integer ones (labels, token ids) are left alone. A batch that is a dict, or a
+pair with a single (0-d) target, raises ``ValueError`` saying how to adapt the
+data (which keys are the targets cannot be guessed; single examples want a
+``DataLoader``).
 """
 
 from __future__ import annotations
