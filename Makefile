@@ -29,8 +29,9 @@ install:  ## install torch if missing (CPU wheel without a GPU) and attribkit in
 	fi
 	$(PIP) install -e .
 
-demo: install  ## set up and run the example in examples/demo.py
-	$(PYTHON) examples/demo.py
+demo: install  ## set up and run examples/quickstart.py (digits: scores, LOO/LDS, figures)
+	$(PIP) install -e ".[examples]"
+	OMP_WAIT_POLICY=$(OMP_WAIT_POLICY) $(PYTHON) examples/quickstart.py
 
 test: install  ## set up and run the test suite
 	$(PIP) install -e ".[test]"

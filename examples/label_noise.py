@@ -12,7 +12,7 @@ labels are partly corrupted, then use attribkit to
    Pipeline and check that influence rankings survive the projection,
 5. pickle the fitted pipeline and reuse it.
 
-Run: ``make demo`` (or ``python examples/demo.py``). Takes well under a minute on 2 CPU cores.
+Run: ``python examples/label_noise.py``. Takes well under a minute on 2 CPU cores.
 """
 
 from __future__ import annotations
