@@ -761,7 +761,8 @@ class _CacheReader:
 
     def __call__(self, batch):
         name = self.name
-        out = self.func(*batch)
+        with torch.enable_grad():  # the output gradients need a graph, even under no_grad
+            out = self.func(*batch)
         losses, mask = out if isinstance(out, tuple) else (out, None)
         if not isinstance(losses, torch.Tensor) or losses.ndim != 1:
             got = tuple(losses.shape) if isinstance(losses, torch.Tensor) else type(losses)
@@ -793,7 +794,8 @@ class _CacheReader:
                 "cannot be computed; the parameters func uses must require grad."
             )
         # The output gradients of the summed loss, without touching anyone's .grad.
-        grads = torch.autograd.grad(losses.sum(), hidden, allow_unused=True)
+        with torch.enable_grad():
+            grads = torch.autograd.grad(losses.sum(), hidden, allow_unused=True)
         b = losses.shape[0]
         triples = []
         for (a, s), g in zip(pairs, grads):

@@ -95,6 +95,9 @@ def test_ekfac_matches_the_dense_definition_and_any_batch_size():
             assert res[0][k].shape == V[0][k].shape
             assert_close(res[0][k], expected[k])
     assert all(p.grad is None for p in model.parameters())  # no .grad side effects
+    with torch.no_grad():  # the caller's grad mode does not matter
+        res = ifvp_at_x_ekfac(losses, X, Y, batch_size=40, mlp_cache=cache, damping=0.05)(V)
+    assert_close(res[0][1], expected[1])
 
 
 def test_ekfac_is_exact_where_kfac_is_and_equals_the_estimator():
