@@ -187,7 +187,9 @@ def influence_rows(store, k, args):
     )
     print(
         f"max relative difference blocked vs one block: {err:.1e}; the score matrix itself "
-        f"is {n * n * 4 / 2**20:.0f} MB and the store {train.nbytes / 2**20:.0f} MB\n"
+        f"is {n * n * 4 / 2**20:.0f} MB and the store {train.nbytes / 2**20:.0f} MB; both numpy "
+        f"peaks include the {test.nbytes / 2**20:.0f} MB copy of the test features (transformed "
+        "at once); the in-memory one also a whole copy of the training features\n"
     )
 
 
