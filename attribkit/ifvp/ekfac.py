@@ -12,7 +12,9 @@ The whole data flow, from ``fit`` to ``transform``:
    (``A = E[a a^T]``, ``S = E[s s^T]``) and eigendecomposes in float64:
    ``A = Q_A diag(.) Q_A^T``, ``S = Q_S diag(.) Q_S^T`` (eigenvectors as columns);
 3. pass 2 (``update_lambda``): the per-example gradient in that basis,
-   ``Q_S^T (s_i^T a_i) Q_A``, squared and summed over examples;
+   ``Q_S^T (s_i^T a_i) Q_A``, squared and summed over examples (from pass 1's
+   captured ``(a, s)`` when they fit ``config.memory_budget``, else from a
+   second pass over the data);
    ``finish_lambda`` reduces and normalises: ``Λ = E_i[(Q_S^T ∇W_i Q_A)^2]``;
 4. ``transform`` per layer: ``Q_S ((Q_S^T V Q_A) / (Λ + damping)) Q_A^T``.
 
@@ -213,8 +215,10 @@ class EKFACStatistics:
         """Check, reduce (once), normalise and eigendecompose ``A`` and ``S``."""
         for total in (*self.A, *self.S):
             total.fold()
-        self._check_finite(self.A, "input covariance A = E[a a^T]", "covariance")
-        self._check_finite(self.S, "output-gradient covariance S = E[s s^T]", "covariance")
+        active = reducer is not None and reducer.active
+        if not active:  # distributed: checked after the reduction, on every rank alike
+            self._check_finite(self.A, "input covariance A = E[a a^T]", "covariance")
+            self._check_finite(self.S, "output-gradient covariance S = E[s s^T]", "covariance")
         counts = torch.tensor([*self.rows, *self.examples], dtype=torch.int64, device=self.device)
         if reducer is not None:
             reducer.sum_(*(t.total for t in (*self.A, *self.S)), counts)
@@ -224,6 +228,11 @@ class EKFACStatistics:
         self.rows = [int(c) for c in counts[:n].tolist()]
         self.examples = [int(c) for c in counts[n:].tolist()]
         self.Q_A, self.Q_S, self.eigvals_A, self.eigvals_S = [], [], [], []
+        # Distributed: layer k is eigendecomposed once, on rank k % world_size,
+        # and broadcast (one packed broadcast per rank), so every rank holds
+        # the very same bases whatever its LAPACK and thread count.
+        world = reducer.world_size if active else 1
+        rank = reducer.rank if active else 0
         for k in range(n):
             rows = max(self.rows[k], 1)
             for total, vals, vecs in (
@@ -231,9 +240,25 @@ class EKFACStatistics:
                 (self.S[k], self.eigvals_S, self.Q_S),
             ):
                 cov = total.total.div_(rows)
-                w, Q = torch.linalg.eigh(cov)
+                if k % world == rank:
+                    w, Q = torch.linalg.eigh(cov)
+                else:
+                    w, Q = cov.new_empty(cov.shape[0]), torch.empty_like(cov)
                 vals.append(w)
                 vecs.append(Q)
+        if active:
+            for src in range(min(world, n)):
+                mine = [k for k in range(n) if k % world == src]
+                parts = [
+                    t for k in mine
+                    for t in (self.eigvals_A[k], self.Q_A[k], self.eigvals_S[k], self.Q_S[k])
+                ]  # fmt: skip
+                flat = torch.cat([t.reshape(-1) for t in parts])
+                reducer.broadcast_(flat, src=src)
+                start = 0
+                for t in parts:
+                    t.copy_(flat[start : start + t.numel()].view_as(t))
+                    start += t.numel()
         self.L = [_Sum((o, i), self.device, self.dtype, False) for i, o in self.dims]
         self._QA_c = [q.to(self.dtype) for q in self.Q_A]
         self._QS_c = [q.to(self.dtype) for q in self.Q_S]
@@ -304,7 +329,8 @@ class EKFACStatistics:
         for total in self.L:
             total.fold()
         what = "eigenvalue correction Λ = E[(Q_S^T ∇W Q_A)^2]"
-        self._check_finite(self.L, what, "eigenvalue-correction")
+        if reducer is None or not reducer.active:  # distributed: after the reduction
+            self._check_finite(self.L, what, "eigenvalue-correction")
         counts = torch.tensor(self.lambda_examples, dtype=torch.int64, device=self.device)
         if reducer is not None:
             reducer.sum_(*(t.total for t in self.L), counts)
@@ -324,6 +350,18 @@ def ekfac_apply(Q_S: torch.Tensor, Q_A: torch.Tensor, scale: torch.Tensor, X: to
 
 
 # --------------------------------------------------------------------------- estimator
+def _keep(kept, pairs, budget: int):
+    """Append a batch's ``(a, s, w)`` to ``kept = (batches, bytes)``; None past ``budget``."""
+    if kept is None:
+        return None
+    batches, used = kept
+    used += sum(t.numel() * t.element_size() for p in pairs for t in p if t is not None)
+    if used > budget:
+        return None  # stream pass 2 from the data instead
+    batches.append(pairs)
+    return batches, used
+
+
 class EKFACIFVP(BaseEstimator):
     """Eigenvalue-corrected K-FAC inverse-Fisher-vector products (model mode only).
 
@@ -438,6 +476,13 @@ class EKFACIFVP(BaseEstimator):
     where it appeared, before any eigendecomposition. ``data`` must allow two
     passes: a generator raises ``ValueError``.
 
+    **Passes.** When the captured ``(a, s)`` of pass 1 fit in
+    ``config.memory_budget`` they are kept and pass 2 computes ``Λ`` from
+    them, without running the model again (the same numbers a second pass
+    over deterministic data gives; with random augmentation or
+    ``fisher="true"``, ``Λ`` then uses the very samples the covariances
+    used). Otherwise pass 2 streams the data again, batch by batch.
+
     **The seed's reference** (dattri 0.1.0 ``ifvp_at_x_ekfac``) rotates with
     ``Q_S @ V @ Q_A.T`` on eigenvector columns, the transpose of the basis;
     here the rotation is ``Q_S^T V Q_A`` and is tested against the dense
@@ -545,17 +590,34 @@ class EKFACIFVP(BaseEstimator):
             dtype=dtype,
             memory_budget=config.memory_budget,
         )
+        # Distributed (API section 6): each rank streams its shard; a pass
+        # ends with shard_pass (global count; every rank raises if one failed;
+        # an empty shard is fine) and finish_* reduces the raw sums once.
+        red = make_reducer(config, "EKFACIFVP.fit", device=device)
+        kept = ([], 0)  # pass 1's batches while they fit the budget, and their bytes
         with _EvalMode(model), LayerCapture(model, layers, self) as capture:
-            for pairs in self._batches(model, data, capture, config, device, dtype, "covariances"):
-                for k, (a, s, w) in enumerate(pairs):
-                    stats.update_covariances(k, a, s, w)
-            stats.finish_covariances(make_reducer(config, "EKFACIFVP.fit"))
-            for pairs in self._batches(
-                model, data, capture, config, device, dtype, "eigenvalue correction"
-            ):
-                for k, (a, s, w) in enumerate(pairs):
-                    stats.update_lambda(k, a, s, w)
-            lambdas = stats.finish_lambda(make_reducer(config, "EKFACIFVP.fit"))
+            with red.shard_pass("EKFACIFVP.fit (covariance pass)") as shard:
+                for pairs in self._batches(
+                    model, data, capture, config, device, dtype, "covariances"
+                ):
+                    for k, (a, s, w) in enumerate(pairs):
+                        stats.update_covariances(k, a, s, w)
+                    shard.count += int(pairs[0][0].shape[0]) if pairs else 1
+                    kept = _keep(kept, pairs, config.memory_budget)
+            stats.finish_covariances(red)
+            # The captured (a, s) of pass 1, when they fit config.memory_budget,
+            # are pass 2's input: the same numbers without running the model again.
+            if kept is not None:
+                second = kept[0]
+            else:
+                stage = "eigenvalue correction"
+                second = self._batches(model, data, capture, config, device, dtype, stage)
+            with red.shard_pass("EKFACIFVP.fit (eigenvalue-correction pass)") as shard:
+                for pairs in second:
+                    for k, (a, s, w) in enumerate(pairs):
+                        stats.update_lambda(k, a, s, w)
+                    shard.count += int(pairs[0][0].shape[0]) if pairs else 1
+            lambdas = stats.finish_lambda(red)
         self._store(stats, lambdas, layers)
 
     def _batches(self, model, data, capture, config, device, dtype, stage):

@@ -419,12 +419,16 @@ def hook_count(model):
     return sum(len(m._forward_hooks) + len(m._backward_hooks) for m in model.modules())
 
 
+#: A budget too small to keep pass 1's (a, s): pass 2 runs the model again.
+STREAM = ak.ComputeConfig(dtype="float64", batch_size=5, progress=False, memory_budget=64)
+
+
 @pytest.mark.parametrize("fail_at", [1, 4])  # first pass / second pass
 def test_model_left_as_it_was_after_failing_fit(fail_at):
     torch.manual_seed(0)
     model = Exploding(fail_at).double().train()
     X, y = torch.randn(12, 5, dtype=D64), torch.randint(0, 3, (12,))
-    est = ak.EKFACIFVP(config=F64)  # batches of 5: 3 per pass
+    est = ak.EKFACIFVP(config=STREAM)  # batches of 5: 3 per pass
     with pytest.raises(RuntimeError, match="boom"):
         est.fit(model, (X, y))
     assert hook_count(model) == 0 and model.training and model.body[1].training
@@ -434,6 +438,40 @@ def test_model_left_as_it_was_after_failing_fit(fail_at):
     est.fit(model, (X, y))
     assert hook_count(model) == 0 and model.training
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_second_pass_reuses_pass_one_within_budget():
+    """Pass 1's captured (a, s) feed pass 2 when they fit memory_budget: same numbers."""
+    torch.manual_seed(0)
+    model = Exploding(0).double()
+    X, y = torch.randn(12, 5, dtype=D64), torch.randint(0, 3, (12,))
+    kept = ak.EKFACIFVP(config=F64).fit(model, (X, y))
+    assert model.calls == 3  # one pass of 3 batches
+    streamed = ak.EKFACIFVP(config=STREAM).fit(model, (X, y))
+    assert model.calls == 9  # two passes more
+    for name in kept.layers_:
+        assert_close(kept.lambdas_[name], streamed.lambdas_[name], rtol=1e-13)
+    V = torch.randn(3, 39, dtype=D64)
+    assert_close(kept.transform(V), streamed.transform(V), rtol=1e-12)
+
+
+def test_nonfinite_lambda_names_the_pass():
+    """A model that goes wrong in the second pass only: Λ's check names that pass."""
+
+    class LateNaN(nn.Sequential):
+        calls = 0
+
+        def forward(self, x):
+            LateNaN.calls += 1
+            out = super().forward(x)
+            return out * float("nan") if LateNaN.calls == 5 else out
+
+    torch.manual_seed(0)
+    model = LateNaN(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+    X, y = torch.randn(12, 5, dtype=D64), torch.randint(0, 3, (12,))
+    with pytest.raises(ValueError, match=r"correction .* of layer '0'.*batch 1 .*correction pass"):
+        ak.EKFACIFVP(config=STREAM).fit(model, (X, y))
+    assert hook_count(model) == 0
 
 
 def test_nonfinite_covariance_names_layer_and_batch():
