@@ -126,12 +126,15 @@ def test_hook_path_leaves_model_as_it_was():
     model, X, y = _case("tokens")
     model.train()
     model.inp.weight.requires_grad_(False)
+    model.out.weight.requires_grad_(False)  # a named layer with no trainable parameter
     kp = ak.KroneckerProjector(config=F64, layers=["inp", "out"]).fit(model)
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     dropout_seen = []
     model.register_forward_pre_hook(lambda m, a: dropout_seen.append(m.training))
-    ak.per_example_gradients(model, (X, y), projector=kp, config=F64)
+    got = ak.per_example_gradients(model, (X, y), projector=kp, config=F64)
+    G = ak.per_example_gradients(model, (X, y), params=list(kp.param_shapes_), config=F64)
+    assert_close(got, kp.transform(G), rtol=1e-10)  # frozen layers are projected too
     assert model.training and dropout_seen and not any(dropout_seen)  # eval inside
     assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
     assert all(p.grad is None for p in model.parameters())
