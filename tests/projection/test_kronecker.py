@@ -86,6 +86,14 @@ def _case(name):
     elif name == "tokens":
         model = TokenMLP().double()
         X, y = torch.randn(13, 4, 5, generator=g, dtype=torch.float64), torch.arange(13) % 3
+    elif name == "conv-same":  # string padding, reflect padding mode, dilation
+        model = nn.Sequential(
+            nn.Conv2d(2, 3, 3, padding="same", padding_mode="reflect", dilation=2),
+            nn.Tanh(),
+            nn.Flatten(),
+            nn.Linear(3 * 6 * 6, 3),
+        ).double()
+        X, y = torch.randn(13, 2, 6, 6, generator=g, dtype=torch.float64), torch.arange(13) % 3
     elif name == "shared":
         model, (X, y) = Shared().double(), classification_data(n=13)
     else:  # per-token targets
@@ -94,7 +102,7 @@ def _case(name):
     return model, X, y
 
 
-CASES = ["mlp", "conv", "tokens", "per-token", "shared"]
+CASES = ["mlp", "conv", "conv-same", "tokens", "per-token", "shared"]
 
 
 # ----------------------------------------------------------------------------- hook path
