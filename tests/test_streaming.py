@@ -268,3 +268,26 @@ def test_influence_reads_a_memmap_block_by_block(stores):
     roomy = ak.ExplicitIFVP(damping=0.5, config=ak.ComputeConfig(dtype="float64"))
     roomy.fit(np.asarray(train[:300]))
     assert peak_numpy_bytes(lambda: ak.influence(roomy, train, test)) > train.nbytes * 0.9
+
+
+def test_end_to_end_store_then_score(tmp_path):
+    """Kronecker projections streamed into a store, then influence from the store."""
+    model = mlp()
+    X, y = classification_data(n=40, seed=3)
+    kp = ak.KroneckerProjector(in_dim=4, out_dim=3, config=F64).fit(model)
+    path = tmp_path / "train.npy"
+    store = np.lib.format.open_memmap(path, mode="w+", dtype="float64", shape=(40, kp.proj_dim_))
+    ak.per_example_gradients(model, DataLoader(TensorDataset(X, y), batch_size=7),
+                             projector=kp, out=store)  # fmt: skip
+    del store
+    train = np.load(path, mmap_mode="r")
+    test = ak.per_example_gradients(model, (X[:5], y[:5]), projector=kp).numpy()
+    tiny = ak.ComputeConfig(dtype="float64", memory_budget=512)
+    ifvp = ak.ExplicitIFVP(damping=0.1, config=tiny).fit(np.asarray(train))
+    scores = ak.influence(ifvp, train, test)
+    G = ak.per_example_gradients(model, (X, y), params=list(kp.param_shapes_), config=F64)
+    P = kp.transform(G).numpy()
+    expected = ak.ExplicitIFVP(damping=0.1, config=F64).fit(P).transform(test) @ P.T
+    assert_close(scores, expected, rtol=1e-10)
+    _, top_i, _, _ = ak.influence(ifvp, train, test, top_k=3)
+    np.testing.assert_array_equal(top_i, np.argsort(-expected, axis=1)[:, :3])
