@@ -539,3 +539,67 @@ def test_pickle_round_trip_without_model():
     assert_close(loaded.transform(V), before, rtol=0)
     assert_close(loaded.inverse_transform(V), est.inverse_transform(V), rtol=0)
     assert loaded.layers_ == est.layers_ and loaded.get_params() == est.get_params()
+
+
+# --------------------------------------------------------------------------- capture
+class Zoo(nn.Module):
+    """Conv paddings and modes, a bias-free dilated conv, an in-place ReLU, 2 token dims."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(2, 3, 3, stride=2, padding=1)
+        self.c2 = nn.Conv2d(3, 4, (3, 2), padding="same", padding_mode="reflect", bias=False)
+        self.c3 = nn.Conv2d(4, 2, 2, dilation=2, padding=(1, 0), padding_mode="circular")
+        self.act = nn.ReLU(inplace=True)
+        self.tok = nn.Linear(2, 3)
+        self.fc = nn.Linear(3, 3)
+
+    def forward(self, x):
+        h = self.c3(torch.tanh(self.c2(torch.tanh(self.c1(x)))))  # (b, 2, 4, 2)
+        h = self.act(self.tok(h.permute(0, 2, 3, 1)))  # Linear on (b, 3, 2, features)
+        return self.fc(h.mean((1, 2)) + 0.5 * self.fc(h.mean((1, 2))))  # fc called twice
+
+
+def test_capture_gives_per_example_gradients():
+    from attribkit.ifvp._kfac_hooks import (
+        LayerCapture,
+        matrix_to_params,
+        param_layout,
+        resolve_layers,
+    )
+
+    torch.manual_seed(0)
+    model = Zoo().double()
+    X, y = torch.randn(6, 2, 8, 7, dtype=D64), torch.randint(0, 3, (6,))
+    layers, skipped = resolve_layers(model)
+    assert [layer.name for layer in layers] == ["c1", "c2", "c3", "tok", "fc"] and not skipped
+    G = grads_at(model, X, y, list(param_layout(layers)))
+    with LayerCapture(model, layers) as capture:
+        pairs = capture.backward(F.cross_entropy(model(X), y, reduction="sum"))
+        assert hook_count(model) == 5
+    assert hook_count(model) == 0
+    assert [tuple(a.shape) for a, _ in pairs][3:] == [(6, 8, 3), (6, 2, 4)]  # T: tokens, calls
+    for layer, (a, s) in zip(layers, pairs):
+        weight, bias = matrix_to_params(layer, s.mT @ a)
+        assert_close(weight, G[layer.weight_name], rtol=1e-12)
+        if bias is not None:
+            assert_close(bias, G[layer.bias_name], rtol=1e-12)
+    V = torch.randn(2, sum(p.numel() for p in model.parameters()), dtype=D64)
+    est = ak.EKFACIFVP(config=F64).fit(model, (X, y))
+    assert_close(est.inverse_transform(est.transform(V)), V, rtol=1e-9)
+
+
+def test_bad_data_and_half_precision_state():
+    model, X, y = mlp_case()
+    with pytest.raises(ValueError, match="'data' argument is required"):
+        ak.EKFACIFVP().fit(model)
+    with pytest.raises(ValueError, match="empty"):
+        ak.EKFACIFVP().fit(model, [])
+    cfg = ak.ComputeConfig(dtype="bfloat16", batch_size=5, progress=False)
+    est = ak.EKFACIFVP(config=cfg).fit(model, (X, y))
+    assert est.input_eigenvectors_["0"].dtype == torch.bfloat16
+    V = torch.randn(2, 39, dtype=D64)
+    out = est.transform(V)
+    assert out.dtype == torch.bfloat16
+    ref = ak.EKFACIFVP(config=F64).fit(model, (X, y)).transform(V)
+    assert_close(out, ref, rtol=3e-2)
