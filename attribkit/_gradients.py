@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch.func import functional_call, grad, vmap
 
 from . import _validation as V
-from ._data import batch_len, iter_batches
+from ._data import EMPTY_DATA_MESSAGE, EmptyDataError, batch_len, iter_batches
 from .config import ComputeConfig
 
 __all__ = ["per_example_gradients"]
@@ -650,6 +650,39 @@ def per_example_gradients(
         ``(n, p)`` tensor, a dict of ``(n, *shape)`` tensors, ``(n, k)``
         projections, or ``out`` itself, filled.
 
+    Notes
+    -----
+    **Distributed.** This function never communicates. Under
+    ``torch.distributed`` each rank passes its own shard of the data and
+    computes (or writes into ``out``) its own rows only; with
+    ``config.distributed`` on (the default ``"auto"``) a rank whose shard is
+    empty and of known length gets ``0`` rows instead of the empty-data
+    error. To fill one file from every rank, give each rank its row slice of
+    a shared memmap (a slice of an ``np.memmap`` is one)::
+
+        import numpy as np, torch.distributed as dist
+        rank, world = dist.get_rank(), dist.get_world_size()
+        sizes = [None] * world
+        dist.all_gather_object(sizes, len(shard))      # examples per rank
+        start, n = sum(sizes[:rank]), sum(sizes)
+        if rank == 0:                                  # one (n, k) file for all
+            np.lib.format.open_memmap(path, mode="w+", dtype="float32", shape=(n, k))
+        dist.barrier()
+        big = np.load(path, mmap_mode="r+")
+        ak.per_example_gradients(model, shard, projector=proj,
+                                 out=big[start : start + sizes[rank]])
+        dist.barrier()                                 # now every row is written
+
+    or gather the rows in memory (ranks may hold different numbers of rows,
+    so pad to the largest)::
+
+        G = ak.per_example_gradients(model, shard, projector=proj)
+        rows = max(sizes)
+        padded = G.new_zeros(rows, G.shape[1]); padded[: len(G)] = G
+        parts = [torch.empty_like(padded) for _ in range(world)]
+        dist.all_gather(parts, padded)
+        G_all = torch.cat([p[:m] for p, m in zip(parts, sizes)])  # rank order
+
     Examples
     --------
     >>> import torch, attribkit as ak
@@ -670,6 +703,11 @@ def per_example_gradients(
             f"Got {type(model).__name__} instead."
         )
     device, dtype = config.torch_device, config.torch_dtype
+    if _known_length(data) == 0:
+        from ._distributed import reducer
+
+        if reducer(config, "per_example_gradients").active:  # an empty shard: 0 rows
+            return _no_rows(model, data, params, config, flatten, projector, out)
     if projector is None and out is None:
         chunks: dict[str, list] = {}
         for grads in iter_gradients(model, data, loss=loss, params=params, config=config):
@@ -715,6 +753,32 @@ def per_example_gradients(
             projected = torch.as_tensor(np.asarray(projector.transform(flat.cpu().numpy())))
         rows.add(projected)
     return rows.result()
+
+
+def _no_rows(model, data, params, config, flatten, projector, out):
+    """The result for a rank whose shard is empty (``per_example_gradients``)."""
+    device, dtype = config.torch_device, config.torch_dtype
+    if projector is None and out is None:
+        selected = select_params(model, params, "per_example_gradients")
+        result = OrderedDict(
+            (n, torch.zeros(0, *q.shape, device=device, dtype=dtype)) for n, q in selected.items()
+        )
+        if flatten:
+            return torch.cat([g.reshape(0, math.prod(g.shape[1:])) for g in result.values()], 1)
+        return result
+    if not flatten:
+        raise ValueError(
+            "The 'flatten' argument of per_example_gradients must be True when 'projector' or "
+            "'out' is given (the result is one (n, k) array). Got False."
+        )
+    if projector is None:
+        k = sum(q.numel() for q in select_params(model, params, "per_example_gradients").values())
+    elif hasattr(projector, "_iter_projected"):
+        k = int(projector.proj_dim_)
+    else:
+        k = _n_outputs(projector, _projector_params(model, projector, params)[1])
+    rows = _Rows(out, 0, k, config)
+    return rows.out if out is not None else torch.zeros(0, k, device=device, dtype=dtype)
 
 
 # --------------------------------------------------------------------------- HVPs
@@ -848,8 +912,47 @@ class MeanLossHVP:
             size = math.prod(shape)
             tangents[name] = vec[start : start + size].reshape(shape)
             start += size
-        # The weighted sum and the count travel in one tensor: one all-reduce.
-        total = torch.zeros(self.n_features + 1, dtype=torch.float64, device=self.device)
+        # The weighted sum, the count and a failure flag travel in one tensor:
+        # one all-reduce. Distributed, an empty shard on one rank is fine (an
+        # empty union is not), and a rank that fails makes every rank raise
+        # instead of leaving the others waiting in the all-reduce.
+        total = torch.zeros(self.n_features + 2, dtype=torch.float64, device=self.device)
+        red, error = self._reducer, None
+        try:
+            self._pass(total, tangents)
+        except EmptyDataError:
+            if not red.active:
+                raise
+        except Exception as exc:
+            if not red.active:
+                raise
+            error, total[-1] = exc, 1.0
+        red.sum_(total)
+        if error is not None:
+            raise error
+        if float(total[-1]) > 0:
+            raise RuntimeError(
+                f"{V._owner(self.owner)}: a Hessian-vector product failed on "
+                f"{round(float(total[-1]))} other rank(s) of the process group (see their "
+                f"error), so it stops on every rank (this is rank {red.rank})."
+            )
+        count = round(float(total[-2]))
+        if count == 0:
+            raise EmptyDataError(f"{EMPTY_DATA_MESSAGE} It was empty on every rank.")
+        if self.n_samples is None:
+            self.n_samples = count
+        elif count != self.n_samples:
+            raise ValueError(
+                f"{V._owner(self.owner)}: 'data' yielded {count} examples in one pass and "
+                f"{self.n_samples} in the first; every pass must see the same data."
+            )
+        out = total[:-2].div_(count)
+        if self.damping:
+            out.add_(v.detach().to(device=self.device, dtype=torch.float64), alpha=self.damping)
+        return out.to(v.device)
+
+    def _pass(self, total: torch.Tensor, tangents: dict) -> None:
+        """Add this rank's ``sum_b H_b v`` to ``total[:-2]`` and its count to ``total[-2]``."""
         batches = iter_batches(self.data, self._config, device=self.device, dtype=self.dtype)
         with _EvalMode(self.model):
             for inputs, targets in batches:
@@ -874,17 +977,4 @@ class MeanLossHVP:
                     block = hv[name].reshape(-1)
                     total[offset : offset + block.numel()] += block.to(torch.float64)
                     offset += block.numel()
-                total[-1] += batch_len(inputs)
-        self._reducer.sum_(total)
-        count = round(float(total[-1]))
-        if self.n_samples is None:
-            self.n_samples = count
-        elif count != self.n_samples:
-            raise ValueError(
-                f"{V._owner(self.owner)}: 'data' yielded {count} examples in one pass and "
-                f"{self.n_samples} in the first; every pass must see the same data."
-            )
-        out = total[:-1].div_(count)
-        if self.damping:
-            out.add_(v.detach().to(device=self.device, dtype=torch.float64), alpha=self.damping)
-        return out.to(v.device)
+                total[-2] += batch_len(inputs)

@@ -44,26 +44,37 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank, world, port, case, arg, out_dir, pg_timeout):
+def _worker(rank, plan, out_dir):
+    """Run the phases of ``plan`` this rank takes part in, saving each result.
+
+    A phase is ``(name, world, port, pg_timeout, case, arg)``: ranks below
+    ``world`` join a fresh gloo process group on ``port`` and run
+    ``CASES[case](rank, world, arg)``; the group is destroyed afterwards, so
+    one set of spawned processes (each of which imports torch once) serves
+    groups of several sizes.
+    """
     os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
     torch.set_num_threads(1)
     import torch.distributed as dist
 
-    try:
-        dist.init_process_group(
-            "gloo",
-            init_method=f"tcp://127.0.0.1:{port}",
-            rank=rank,
-            world_size=world,
-            timeout=datetime.timedelta(seconds=pg_timeout),
-        )
-        result = ("ok", CASES[case](rank, world, arg))
-    except BaseException:
-        result = ("error", traceback.format_exc())
-    with open(os.path.join(out_dir, f"rank{rank}.pkl"), "wb") as fh:
-        pickle.dump(result, fh)
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    for name, world, port, pg_timeout, case, arg in plan:
+        if rank >= world:
+            continue
+        try:
+            dist.init_process_group(
+                "gloo",
+                init_method=f"tcp://127.0.0.1:{port}",
+                rank=rank,
+                world_size=world,
+                timeout=datetime.timedelta(seconds=pg_timeout),
+            )
+            result = ("ok", CASES[case](rank, world, arg))
+        except BaseException:
+            result = ("error", traceback.format_exc())
+        with open(os.path.join(out_dir, f"{name}-rank{rank}.pkl"), "wb") as fh:
+            pickle.dump(result, fh)
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def _children() -> list:
@@ -78,24 +89,22 @@ def _children() -> list:
     return found
 
 
-def run_ranks(case: str, world: int, arg, tmp_path, timeout=RUN_TIMEOUT, pg_timeout=PG_TIMEOUT):
-    """Run ``CASES[case](rank, world, arg)`` on ``world`` spawned ranks; their results.
+def run_phases(phases, out_dir, timeout=RUN_TIMEOUT, target=_worker) -> dict:
+    """Spawn ``max(world)`` processes that run ``phases`` one after the other.
 
-    Fails the test (after killing the children) when the run exceeds
-    ``timeout`` seconds or a child dies without a result; asserts that no
-    child process is left behind.
+    ``phases`` are ``(name, world, pg_timeout, case, arg)``. Returns
+    ``name -> [(status, value) per rank]``; a phase whose result a rank never
+    wrote maps that rank to ``("missing", reason)``. The parent waits at most
+    ``timeout`` seconds, then terminates (and if need be kills) the children,
+    and asserts that none is left; ``pytest.fail`` reports a run that
+    timed out.
     """
+    out_dir = str(out_dir)
+    plan = [(n, w, _free_port(), t, c, a) for n, w, t, c, a in phases]
+    size = max(w for _, w, *_ in phases)
     before = {c.pid for c in _children()}
     ctx = mp.get_context("spawn")
-    port = _free_port()
-    procs = [
-        ctx.Process(
-            target=_worker,
-            args=(r, world, port, case, arg, str(tmp_path), pg_timeout),
-            daemon=True,
-        )
-        for r in range(world)
-    ]
+    procs = [ctx.Process(target=target, args=(r, plan, out_dir), daemon=True) for r in range(size)]
     for p in procs:
         p.start()
     deadline = time.monotonic() + timeout
@@ -114,19 +123,23 @@ def run_ranks(case: str, world: int, arg, tmp_path, timeout=RUN_TIMEOUT, pg_time
     left = [c for c in _children() if c.pid not in before]
     assert not left, f"child processes left behind: {left}"
     if hung:
-        pytest.fail(f"{case}: ranks {hung} of {world} did not finish within {timeout} s")
-    results = []
-    for r, p in enumerate(procs):
-        path = tmp_path / f"rank{r}.pkl"
-        if not path.exists():
-            pytest.fail(f"{case}: rank {r} died (exit code {p.exitcode}) without a result")
-        with open(path, "rb") as fh:
-            results.append(pickle.load(fh))
+        pytest.fail(f"ranks {hung} did not finish within {timeout} s (killed)")
+    results = {}
+    for name, world, *_ in plan:
+        results[name] = []
+        for r in range(world):
+            path = os.path.join(out_dir, f"{name}-rank{r}.pkl")
+            if not os.path.exists(path):
+                why = f"rank {r} died (exit code {procs[r].exitcode}) without a result"
+                results[name].append(("missing", why))
+                continue
+            with open(path, "rb") as fh:
+                results[name].append(pickle.load(fh))
     return results
 
 
 def ok(results) -> list:
-    """The values of a run in which every rank must have succeeded."""
+    """The values of a phase in which every rank must have succeeded."""
     errors = [f"rank {r}:\n{v}" for r, (status, v) in enumerate(results) if status != "ok"]
     assert not errors, "\n".join(errors)
     return [v for _, v in results]
@@ -150,13 +163,14 @@ def _shard(sizes, rank):
     return start, start + sizes[rank]
 
 
-def _fit_everything(rank: int, world: int, sizes, distributed=True) -> dict:
+def _fit_everything(rank: int, world: int, arg, distributed=True) -> dict:
     """Fit every estimator on ``rank``'s shard and report its state.
 
     Keys starting with ``"rows:"`` are row-sharded (this rank's rows of the
     single-process value); all others must equal the single-process value.
     The parent calls this with ``distributed=False`` and the whole data set.
     """
+    sizes, out_dir = arg
     cfg = ak.ComputeConfig(**F64, distributed=distributed)
     X, y = _problem()
     s, e = _shard(sizes, rank)
@@ -207,12 +221,99 @@ def _fit_everything(rank: int, world: int, sizes, distributed=True) -> dict:
             assert est.shard_sizes_ == tuple(sizes), est.shard_sizes_
             out[f"datainf-{name}/pickle"] = pickle.dumps(est)
 
+    # EKFACIFVP: covariances, counts and Λ reduced once per pass; bases identical.
+    for name, kwargs in {
+        "default": {},
+        "auto": {"damping": "auto"},
+        "expected": {"fisher": "expected"},
+    }.items():
+        est = ak.EKFACIFVP(config=cfg, **kwargs).fit(big, data)
+        V = _probe(est.n_features_in_)
+        out[f"ekfac-{name}/n"] = est.n_samples_
+        out[f"ekfac-{name}/damping"] = torch.tensor(est.damping_)
+        for layer in est.layers_:
+            for side in ("input", "output"):
+                w = getattr(est, f"{side}_eigenvalues_")[layer]
+                Q = getattr(est, f"{side}_eigenvectors_")[layer]
+                out[f"ekfac-{name}/{layer}-{side}-eigenvalues"] = w
+                out[f"ekfac-{name}/{layer}-{side}-covariance"] = (Q * w) @ Q.T
+            out[f"ekfac-{name}/{layer}-lambda"] = est.lambdas_[layer]
+        out[f"ekfac-{name}/T"] = est.transform(V)
+        out[f"ekfac-{name}/FVP"] = est.inverse_transform(V)
+        if distributed and world > 1:  # the very same bases on every rank (broadcast)
+            for layer in est.layers_:
+                out[f"same:ekfac-{name}/{layer}-QA"] = est.input_eigenvectors_[layer]
+                out[f"same:ekfac-{name}/{layer}-QS"] = est.output_eigenvectors_[layer]
+
+    # ArnoldiProjector: one all-reduced HVP per Lanczos iteration.
+    convex = linear(d=4, out=3, seed=4)
+    est = ak.ArnoldiProjector(proj_dim=4, damping=0.01, config=cfg).fit(convex, data)
+    V = _probe(est.n_features_in_)
+    out["arnoldi/n"] = est.n_samples_
+    out["arnoldi/n_iter"] = est.n_iter_
+    out["arnoldi/eigenvalues"] = est.eigenvalues_
+    out["arnoldi/ihvp"] = est.ihvp(V)
+    T = est.transform(V)
+    out["arnoldi/gram"] = T @ T.T
+
     # Projectors need no communication: the same output on every rank.
     proj = ak.RandomProjector(proj_dim=6, config=cfg).fit(big)
     out["random/T"] = proj.transform(_probe(proj.n_features_in_))
+    kron = ak.KroneckerProjector(in_dim=3, out_dim=2, config=cfg).fit(big)
+    out["kronecker/T"] = kron.transform(_probe(kron.n_features_in_))
+
+    # per_example_gradients: each rank gets (or writes) its own rows only.
+    out["rows:pergrad/G"] = ak.per_example_gradients(big, data, config=cfg)
+    out["rows:pergrad/kron"] = ak.per_example_gradients(big, data, projector=kron, config=cfg)
+    buf = torch.full((e - s, proj.proj_dim), float("nan"), dtype=torch.float64)
+    got = ak.per_example_gradients(big, data, projector=proj, config=cfg, out=buf)
+    assert got is buf
+    out["rows:pergrad/random-out"] = buf
+    if distributed and world > 1:
+        out["pergrad/gathered"] = _gather_recipe(big, data, cfg, sizes)
+        out["pergrad/memmap"] = _memmap_recipe(big, data, proj, cfg, sizes, out_dir)
+    else:
+        out["pergrad/gathered"] = ak.per_example_gradients(big, data, config=cfg)
+        out["pergrad/memmap"] = ak.per_example_gradients(big, data, projector=proj, config=cfg)
 
     out["traffic"] = _distributed.traffic()["bytes"] - out.pop("traffic0")
     return out
+
+
+def _gather_recipe(model, shard, cfg, sizes):
+    """The in-memory gather of per_example_gradients' docstring, as written there."""
+    import torch.distributed as dist
+
+    world = dist.get_world_size()
+    G = ak.per_example_gradients(model, shard, config=cfg)
+    rows = max(sizes)
+    padded = G.new_zeros(rows, G.shape[1])
+    padded[: len(G)] = G
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded)
+    return torch.cat([p[:m] for p, m in zip(parts, sizes)])
+
+
+def _memmap_recipe(model, shard, proj, cfg, sizes, out_dir):
+    """The shared-memmap fill of per_example_gradients' docstring: each rank its rows."""
+    import numpy as np
+    import torch.distributed as dist
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    counts = [None] * world
+    dist.all_gather_object(counts, len(shard[0]))
+    assert counts == list(sizes)
+    start, n, k = sum(counts[:rank]), sum(counts), proj.proj_dim
+    path = os.path.join(out_dir, "grads.npy")
+    if rank == 0:
+        np.lib.format.open_memmap(path, mode="w+", dtype="float64", shape=(n, k))
+    dist.barrier()
+    big = np.load(path, mmap_mode="r+")
+    ak.per_example_gradients(
+        model, shard, projector=proj, config=cfg, out=big[start : start + counts[rank]]
+    )
+    dist.barrier()
+    return torch.as_tensor(np.load(path))
 
 
 def _split(V, shapes):
@@ -226,11 +327,72 @@ def _split(V, shapes):
     return parts
 
 
-CASES = {"everything": _fit_everything}
+def _outcome(fn, *args):
+    """``("ok", value)`` or ``(exception type name, message)`` of ``fn(*args)``."""
+    try:
+        return ("ok", fn(*args))
+    except Exception as exc:
+        return (type(exc).__name__, str(exc))
+
+
+def _failures(rank: int, world: int, arg) -> dict:
+    """Misuse on some ranks: every rank must raise clearly, none may hang."""
+    cfg = ak.ComputeConfig(**F64)
+    X, y = _problem()
+    model = mlp(d=4, hidden=5, out=3, seed=1)
+    convex = linear(d=4, out=3, seed=4)
+    fits = {
+        "explicit": lambda d: ak.ExplicitIFVP(damping=0.1, config=cfg).fit(model, d),
+        "datainf": lambda d: ak.DataInfIFVP(config=cfg).fit(model, d),
+        "ekfac": lambda d: ak.EKFACIFVP(config=cfg).fit(model, d),
+        "arnoldi": lambda d: ak.ArnoldiProjector(proj_dim=2, config=cfg).fit(convex, d),
+    }
+    out = {}
+    for name, fit in fits.items():
+        # Every shard empty: the single-process error, on every rank.
+        out[f"empty/{name}"] = _outcome(fit, (X[:0], y[:0]))
+        # Bad data on rank 1 only: rank 1 raises its error, rank 0 says so.
+        shard = (X[:4], y[:4]) if rank == 0 else (X[4:8], y[4:7])
+        out[f"bad/{name}"] = _outcome(fit, shard)
+    est = ak.DataInfIFVP(config=cfg).fit(model, (X[:6], y[:6]) if rank == 0 else (X[6:], y[6:]))
+    V = _probe(est.n_features_in_)
+    out["transform/shapes"] = _outcome(lambda: est.transform(V[: 3 - rank]))
+    out["transform/values"] = _outcome(lambda: est.transform(V + rank))
+    bad = V if rank == 0 else torch.zeros(3, est.n_features_in_ + 1, dtype=torch.float64)
+    out["transform/invalid"] = _outcome(lambda: est.transform(bad))
+    out["transform/after"] = _outcome(lambda: est.transform(V))
+    return out
+
+
+def _hang(rank: int, world: int, pg_timeout) -> dict:
+    """Rank 1 skips a collective transform: rank 0 must fail after the timeout."""
+    cfg = ak.ComputeConfig(**F64)
+    X, y = _problem()
+    model = mlp(d=4, hidden=5, out=3, seed=1)
+    est = ak.DataInfIFVP(config=cfg).fit(model, (X[:6], y[:6]) if rank == 0 else (X[6:], y[6:]))
+    if rank == 1:
+        time.sleep(pg_timeout + 3)  # never joins the transform
+        return {"skipped": True}
+    start = time.monotonic()
+    outcome = _outcome(lambda: est.transform(_probe(est.n_features_in_)))
+    return {"outcome": outcome[0], "seconds": time.monotonic() - start}
+
+
+def _sleep_forever(rank, plan, out_dir):
+    time.sleep(3600)
+
+
+CASES = {"everything": _fit_everything, "failures": _failures, "hang": _hang}
+HANG_TIMEOUT = 4
+SIZES = {"two": [7, 4], "three": [6, 0, 5]}
 
 
 def _compare(ranks: list[dict], sizes) -> None:
-    ref = _fit_everything(0, 1, [sum(sizes)], distributed=False)
+    ref = _reference(tuple(sizes))
+    for key in ranks[0]:
+        if key.startswith("same:"):  # bitwise the same on every rank
+            for got in ranks[1:]:
+                assert torch.equal(got[key], ranks[0][key]), key
     for r, got in enumerate(ranks):
         s, e = _shard(sizes, r)
         assert got["traffic"] > 0
@@ -250,20 +412,103 @@ def _compare(ranks: list[dict], sizes) -> None:
                 assert type(have) is type(want) and have == want, (r, key, have, want)
 
 
+_REFERENCES: dict = {}
+
+
+def _reference(sizes: tuple) -> dict:
+    if sum(sizes) not in _REFERENCES:
+        _REFERENCES[sum(sizes)] = _fit_everything(0, 1, ([sum(sizes)], None), distributed=False)
+    return _REFERENCES[sum(sizes)]
+
+
 # --------------------------------------------------------------------- tests
+@pytest.fixture(scope="module")
+def session(tmp_path_factory):
+    """One spawned run of 3 processes for every phase (spawning costs seconds each)."""
+    out = tmp_path_factory.mktemp("ranks")
+    phases = [
+        ("three", 3, PG_TIMEOUT, "everything", (SIZES["three"], str(out))),
+        ("two", 2, PG_TIMEOUT, "everything", (SIZES["two"], str(out))),
+        ("failures", 2, PG_TIMEOUT, "failures", None),
+        ("hang", 2, HANG_TIMEOUT, "hang", HANG_TIMEOUT),
+    ]
+    return run_phases(phases, out)
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    "sizes",
-    [
-        pytest.param([7, 4], id="2-ranks-uneven"),
-        pytest.param([6, 0, 5], id="3-ranks-one-empty"),
-    ],
-)
-def test_every_estimator_equals_one_process(sizes, tmp_path):
-    ranks = ok(run_ranks("everything", len(sizes), sizes, tmp_path))
-    _compare(ranks, sizes)
-    if len(sizes) == 2:
-        # A sharded DataInfIFVP unpickled in one process refuses to transform.
-        est = pickle.loads(ranks[0]["datainf-auto/pickle"])
-        with pytest.raises(RuntimeError, match="fitted across 2 processes.*rank 0's shard"):
-            est.transform(_probe(est.n_features_in_))
+@pytest.mark.parametrize("phase", ["two", "three"], ids=["2-ranks-uneven", "3-ranks-one-empty"])
+def test_every_estimator_equals_one_process(session, phase):
+    ranks = ok(session[phase])
+    _compare(ranks, SIZES[phase])
+
+
+@pytest.mark.slow
+def test_sharded_datainf_refuses_to_transform_alone(session):
+    est = pickle.loads(ok(session["two"])[0]["datainf-auto/pickle"])
+    with pytest.raises(RuntimeError, match="fitted across 2 processes.*rank 0's shard"):
+        est.transform(_probe(est.n_features_in_))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["explicit", "datainf", "ekfac", "arnoldi"])
+def test_failures_on_one_rank_fail_every_rank(session, name):
+    ranks = ok(session["failures"])
+    for r in range(2):
+        kind, message = ranks[r][f"empty/{name}"]
+        assert kind == "EmptyDataError", (r, kind, message)
+        assert "yielded no example" in message
+    kind, message = ranks[1][f"bad/{name}"]
+    assert kind == "ValueError" and "as many targets as inputs" in message, (kind, message)
+    kind, message = ranks[0][f"bad/{name}"]
+    assert kind == "RuntimeError" and "rank" in message, (kind, message)
+
+
+@pytest.mark.slow
+def test_collective_transform_disagreements_raise_on_every_rank(session):
+    ranks = ok(session["failures"])
+    for r in range(2):
+        kind, message = ranks[r]["transform/shapes"]
+        assert kind == "ValueError" and "same shape" in message, (r, kind, message)
+        assert "rank 0: (3, 43), rank 1: (2, 43)" in message
+        kind, message = ranks[r]["transform/values"]
+        assert kind == "ValueError" and "same arguments" in message, (r, kind, message)
+    kind, message = ranks[1]["transform/invalid"]
+    assert kind == "ValueError" and "44" in message, (kind, message)
+    kind, message = ranks[0]["transform/invalid"]
+    assert kind == "ValueError" and "rank(s) [1] failed before" in message, (kind, message)
+    # ... and the group is still in step: the next collective call works.
+    (k0, a), (k1, b) = ranks[0]["transform/after"], ranks[1]["transform/after"]
+    assert k0 == k1 == "ok"
+    assert torch.equal(a, b)
+
+
+@pytest.mark.slow
+def test_a_missing_rank_times_out_instead_of_hanging(session):
+    rank0, rank1 = ok(session["hang"])
+    assert rank1 == {"skipped": True}
+    assert rank0["outcome"] != "ok"
+    assert rank0["seconds"] < HANG_TIMEOUT + 20
+
+
+def test_a_hung_run_is_killed_and_fails(tmp_path):
+    start = time.monotonic()
+    with pytest.raises(pytest.fail.Exception, match="did not finish within 1 s"):
+        run_phases([("sleep", 2, 1, "none", None)], tmp_path, timeout=1, target=_sleep_forever)
+    assert time.monotonic() - start < 30
+    assert not _children()
+
+
+def test_distributed_true_needs_a_process_group():
+    G = torch.randn(5, 3, dtype=torch.float64)
+    est = ak.ExplicitIFVP(damping=0.1, config=ak.ComputeConfig(distributed=True))
+    with pytest.raises(RuntimeError, match="distributed=True.*needs an initialised"):
+        est.fit(mlp(d=4, hidden=5, out=3), _problem())
+    # Array-mode fits stay local and never ask for a group ... but True still requires it.
+    est_local = ak.ExplicitIFVP(damping=0.1, config=ak.ComputeConfig(distributed=False))
+    assert est_local.fit(G).n_samples_ == 5
+
+
+def test_single_process_empty_data_error_is_unchanged():
+    X, y = _problem()
+    with pytest.raises(ValueError, match="The 'data' argument is empty: it yielded no example"):
+        ak.ExplicitIFVP(damping=0.1).fit(mlp(d=4, hidden=5, out=3), (X[:0], y[:0]))
