@@ -55,3 +55,18 @@ def test_unavailable_cuda():
 def test_progress_flag():
     assert ak.ComputeConfig(progress=True).show_progress is True
     assert ak.ComputeConfig(progress=False).show_progress is False
+
+
+@pytest.mark.parametrize("value", ["auto", True, False])
+def test_distributed_field_stores_only_the_setting(value):
+    cfg = ak.ComputeConfig(distributed=value)
+    assert cfg.distributed is value or cfg.distributed == value
+    assert ak.ComputeConfig().distributed == "auto"
+    back = pickle.loads(pickle.dumps(cfg))  # no process group inside, only the setting
+    assert back == cfg and back.distributed == value
+
+
+@pytest.mark.parametrize("value", ["yes", 1, 0, None, "True"])
+def test_bad_distributed_field(value):
+    with pytest.raises(ValueError, match="'distributed' field of ComputeConfig must be True"):
+        ak.ComputeConfig(distributed=value)
