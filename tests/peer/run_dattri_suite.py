@@ -212,22 +212,19 @@ def main(argv=None) -> int:
     results = {}
     try:
         for target in targets:
-            folder = os.path.join(root, target)
-            prepare(folder, sources, target)
-            for seed in args.seeds:
-                results[(target, seed)] = run(folder, seed, args.timeout)
-                summary = results[(target, seed)].get("_summary", "")
-                print(
-                    f"{target:>9} seed {seed}: "
-                    + ", ".join(
-                        f"{o}"
-                        for t, o in sorted(results[(target, seed)].items())
-                        if not t.startswith("_")
-                    ),
-                    flush=True,
+            prepare(os.path.join(root, target), sources, target)
+        for seed in args.seeds:  # seed by seed, so a partial run compares like with like
+            for target in targets:
+                outcome = run(os.path.join(root, target), seed, args.timeout)
+                results[(target, seed)] = outcome
+                cells = ", ".join(
+                    f"{t.partition('::')[2]}={o}"
+                    for t, o in sorted(outcome.items())
+                    if not t.startswith("_") and o != "skipped"
                 )
-                if summary:
-                    print("    " + summary.replace("\n", "\n    "), flush=True)
+                print(f"{target:>9} seed {seed}: {cells}", flush=True)
+                if outcome.get("_summary"):
+                    print("    " + outcome["_summary"].replace("\n", "\n    "), flush=True)
     finally:
         if args.keep:
             print(f"kept {root}")
