@@ -468,6 +468,22 @@ class EKFACIFVP(BaseEstimator):
     ``config.dtype`` (the eigenbases are orthogonal, so rounding them costs
     no more than ``config.dtype``'s precision in the result).
 
+    **Distributed.** With ``config.distributed`` on and a ``torch.distributed``
+    process group of ``W > 1`` ranks, ``fit`` is collective: each rank passes
+    its own shard of the data (uneven shards, or an empty one, are fine as
+    long as the union is not empty) and every rank ends with the state one
+    process would fit on the union. Each pass ends with one all-reduce of the
+    raw float64 sums and counts (``A`` and ``S`` with their row and example
+    counts after pass 1, ``Λ`` with its example count after pass 2) and one
+    tiny all-reduce of the pass's example count and failure flag, so a rank
+    that fails makes every rank raise instead of hanging. Each layer's two
+    eigendecompositions run once, on rank ``k % W`` for layer ``k``, and are
+    broadcast: every rank holds bitwise the same bases. Per fit each rank
+    sends about ``8 sum_l (2 (d_in^2 + d_out^2) + d_out d_in)`` payload bytes,
+    independent of the number of examples. ``max_batches`` counts each
+    rank's own batches; ``fisher="true"`` samples on each rank from its own
+    generator.
+
     **The model** runs in eval mode (dropout off, batch-norm running
     statistics) and is left as it was: mode restored, hooks removed (also
     when fit fails), parameters, ``requires_grad`` and ``.grad`` untouched.
