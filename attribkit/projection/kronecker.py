@@ -84,6 +84,8 @@ class KroneckerProjector(BaseEstimator):
     side, i, j)`` (for ``"sjlt"`` also of ``k``, as in RandomProjector): the
     same on every device, for every batch size, and never stored (the pickle
     holds only the layout; the matrices are regenerated on first use).
+    Under ``torch.distributed`` it needs no communication: every rank
+    builds the same matrices.
 
     Parameters
     ----------

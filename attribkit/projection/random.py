@@ -44,7 +44,9 @@ class RandomProjector(BaseEstimator):
     (its pickle is a few hundred bytes whatever the dimensions): it is
     regenerated block by block on each ``transform``, or built once and
     cached in memory when ``n_features * proj_dim`` entries fit
-    ``config.memory_budget``.
+    ``config.memory_budget``. Under ``torch.distributed`` it therefore needs
+    no communication: every rank that fits the same layout and seed projects
+    with the same matrix (API.md section 6).
 
     Parameters
     ----------
