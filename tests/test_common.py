@@ -38,6 +38,7 @@ FACTORIES = {
     "ExplicitIFVP-woodbury": lambda config=None: ak.ExplicitIFVP(
         damping=0.1, solver="woodbury", config=config
     ),
+    "ExplicitIFVP-auto": lambda config=None: ak.ExplicitIFVP(damping="auto", config=config),
     "DataInfIFVP": lambda config=None: ak.DataInfIFVP(config=config),
     # damping=1 makes the test MLP's indefinite Hessian (eigenvalues >= -0.59)
     # positive definite, so model mode keeps all proj_dim directions too.
@@ -45,7 +46,7 @@ FACTORIES = {
         proj_dim=6, damping=1.0, config=config
     ),
 }
-IFVPS = {"ExplicitIFVP", "ExplicitIFVP-woodbury", "DataInfIFVP"}
+IFVPS = {"ExplicitIFVP", "ExplicitIFVP-woodbury", "ExplicitIFVP-auto", "DataInfIFVP"}
 NAMES = list(FACTORIES)
 
 
