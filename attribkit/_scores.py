@@ -31,6 +31,8 @@ from ._vectors import flatten_input, unflatten_output
 
 __all__ = ["influence", "self_influence"]
 
+_SELF_BLOCK = 2048
+
 
 # --------------------------------------------------------------------------- inputs
 def _resolve(ifvp, owner: str):
@@ -323,6 +325,10 @@ def self_influence(ifvp, vectors):
     side = _Side(est, pre, "vectors", owner)
     # A block holds its raw copy, its flat tensor and the (float64) transform.
     rows = _block_rows(est, data, 0, extra_per_row=16 * est.n_features_in_)
+    # Blocks of at most 2048 rows: transforms with many more right-hand sides
+    # run slower per row (ExplicitIFVP's triangular solves fall out of cache:
+    # measured 0.54 s for 20,000 x 512 in 2048-row blocks, 1.4 s at once).
+    rows = min(rows, _SELF_BLOCK)
     blocks = range(0, n, rows)
     out = torch.empty(n, dtype=dtype, device=est._device)
     kind = _kind(vectors)
