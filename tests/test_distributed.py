@@ -378,11 +378,46 @@ def _hang(rank: int, world: int, pg_timeout) -> dict:
     return {"outcome": outcome[0], "seconds": time.monotonic() - start}
 
 
+def _reducer_primitives(rank: int, world: int, arg) -> dict:
+    """The Reducer's collectives on rank-dependent tensors (checked in the parent)."""
+    red = _distributed.reducer(ak.ComputeConfig(), "test")
+    assert red.active and (red.rank, red.world_size) == (rank, world)
+    base = torch.arange(12, dtype=torch.float64).reshape(3, 4)
+    small = base * (rank + 1)
+    strided = (base * (rank + 1)).T  # not contiguous
+    counts = torch.tensor([rank, 1], dtype=torch.int64)
+    _distributed._PACK_BYTES, saved = 64, _distributed._PACK_BYTES  # force unpacked paths
+    big = torch.full((20,), float(rank + 1), dtype=torch.float64)  # 160 bytes > 64
+    try:
+        red.sum_(small, strided, counts, big)
+    finally:
+        _distributed._PACK_BYTES = saved
+    rows = torch.full((rank, 2), float(rank))  # rank r holds r rows (rank 0: none)
+    out = {
+        "small": small,
+        "strided": strided,
+        "counts": counts,
+        "big": big,
+        "sum_int": red.sum_int(rank + 1),
+        "min_int": red.min_int(10 - rank),
+        "gather_ints": red.gather_ints([rank, 2 * rank]),
+        "gather_rows": red.gather_rows(rows),
+    }
+    bad = torch.zeros(1, 2 + rank)  # trailing shapes differ: every rank refuses
+    out["gather_rows_bad"] = _outcome(red.gather_rows, bad)
+    return out
+
+
 def _sleep_forever(rank, plan, out_dir):
     time.sleep(3600)
 
 
-CASES = {"everything": _fit_everything, "failures": _failures, "hang": _hang}
+CASES = {
+    "everything": _fit_everything,
+    "failures": _failures,
+    "hang": _hang,
+    "reducer": _reducer_primitives,
+}
 HANG_TIMEOUT = 4
 SIZES = {"two": [7, 4], "three": [6, 0, 5]}
 
@@ -427,6 +462,7 @@ def session(tmp_path_factory):
     """One spawned run of 3 processes for every phase (spawning costs seconds each)."""
     out = tmp_path_factory.mktemp("ranks")
     phases = [
+        ("reducer", 3, PG_TIMEOUT, "reducer", None),
         ("three", 3, PG_TIMEOUT, "everything", (SIZES["three"], str(out))),
         ("two", 2, PG_TIMEOUT, "everything", (SIZES["two"], str(out))),
         ("failures", 2, PG_TIMEOUT, "failures", None),
@@ -440,6 +476,24 @@ def session(tmp_path_factory):
 def test_every_estimator_equals_one_process(session, phase):
     ranks = ok(session[phase])
     _compare(ranks, SIZES[phase])
+
+
+@pytest.mark.slow
+def test_reducer_collectives(session):
+    ranks = ok(session["reducer"])
+    base = torch.arange(12, dtype=torch.float64).reshape(3, 4)
+    for got in ranks:  # ranks 0, 1, 2: factors 1 + 2 + 3
+        assert torch.equal(got["small"], 6 * base)
+        assert torch.equal(got["strided"], 6 * base.T)
+        assert got["counts"].tolist() == [3, 3]
+        assert torch.equal(got["big"], torch.full((20,), 6.0, dtype=torch.float64))
+        assert got["sum_int"] == 6 and got["min_int"] == 8
+        assert got["gather_ints"] == [[0, 0], [1, 2], [2, 4]]
+        want = torch.tensor([[1.0, 1.0], [2.0, 2.0], [2.0, 2.0]])  # rank order, none from 0
+        assert torch.equal(got["gather_rows"], want)
+        kind, message = got["gather_rows_bad"]
+        assert kind == "ValueError" and "rank 0: (1, 2), rank 1: (1, 3)" in message
+    assert ranks[0]["gather_rows"].dtype == torch.float32
 
 
 @pytest.mark.slow
