@@ -17,6 +17,13 @@ empty is allowed (its ``EmptyDataError`` is swallowed there) as long as the
 union of the shards is not; an empty union raises the single-process error on
 every rank.
 
+Shards: the union of the ranks' shards, in rank order, is what one process
+would see. ``torch.utils.data.DistributedSampler`` pads the shards to equal
+length by repeating examples (unless the data set size divides evenly), so
+the union then counts those examples twice; for exactly the single-process
+fit give each rank a contiguous ``Subset(dataset, range(lo, hi))`` or
+slices of the tensors (uneven and empty shards are fine).
+
 The payload bytes of every collective are counted in a module-level tally
 (:func:`traffic`, :func:`reset_traffic`), for the distributed benchmark.
 """

@@ -20,6 +20,10 @@ Run it the way a data-parallel training job runs::
 4. rank 0 repeats the fit in one process on the whole training set
    (``ComputeConfig(distributed=False)``) and prints both sets of scores for
    a few test digits and their largest difference.
+
+The shards are plain slices. ``DistributedSampler`` would pad them to equal
+length by repeating examples, so its union is not the training set unless
+its size divides evenly.
 """
 
 from __future__ import annotations
