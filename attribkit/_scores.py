@@ -239,7 +239,13 @@ def influence(ifvp, train_vectors, test_vectors, top_k: int | None = None):
     dtype = est._config.torch_dtype
     kind = _kind(test_vectors)
     test, _ = _Side(est, pre, "test_vectors", owner).flat(test_vectors)
-    preconditioned = est._transform(test).to(dtype)
+    # In row blocks for the reason self_influence gives.
+    preconditioned = torch.cat(
+        [
+            est._transform(test[s : s + _SELF_BLOCK]).to(dtype)
+            for s in range(0, len(test), _SELF_BLOCK)
+        ]
+    )
     m = preconditioned.shape[0]
     side = _Side(est, pre, "train_vectors", owner)
     # The running merge concatenates the block's scores and int64 indices to the

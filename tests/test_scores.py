@@ -214,3 +214,17 @@ def test_progress_bar_over_many_blocks(capsys):
     quiet = ak.ExplicitIFVP(damping=0.1, config=TINY).fit(G)
     ak.influence(quiet, G, T)
     assert capsys.readouterr().err == ""
+
+
+def test_many_test_vectors_are_preconditioned_in_blocks():
+    G, _ = data()
+    T = torch.randn(2500, 6, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    ifvp = ak.ExplicitIFVP(damping=0.1, config=F64).fit(G)
+    assert_close(ak.influence(ifvp, G, T), dense_scores(G, T, 0.1), rtol=1e-10)
+    assert_close(
+        ak.self_influence(ifvp, T),
+        dense_scores(G, T, 0.1).new_tensor(
+            [float(t @ torch.linalg.solve(damped_fisher(G, 0.1), t)) for t in T]
+        ),
+        rtol=1e-10,
+    )
