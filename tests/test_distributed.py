@@ -214,6 +214,9 @@ def _fit_everything(rank: int, world: int, arg, distributed=True) -> dict:
         as_dict = est.transform(dict(zip(est.param_shapes_, _split(V, est.param_shapes_))))
         for key, value in as_dict.items():
             out[f"datainf-{name}/T-dict-{key}"] = value
+        # influence / self_influence call the collective transform the same way.
+        out[f"datainf-{name}/influence"] = ak.influence(est, _probe(est.n_features_in_, 5), V)
+        out[f"datainf-{name}/self"] = ak.self_influence(est, V)
         for k, G in enumerate(est.train_gradients_):
             out[f"rows:datainf-{name}/G{k}"] = G
             out[f"rows:datainf-{name}/norms{k}"] = est.train_sq_norms_[k]
