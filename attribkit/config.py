@@ -138,7 +138,9 @@ class ComputeConfig:
                 f"Got {self.memory_budget!r} instead."
             )
 
-        if not (self.distributed is True or self.distributed is False or self.distributed == "auto"):
+        setting = self.distributed
+        is_auto = isinstance(setting, str) and setting == "auto"
+        if not (setting is True or setting is False or is_auto):
             raise ValueError(
                 "The 'distributed' field of ComputeConfig must be True, False or 'auto'. "
                 f"Got {self.distributed!r} instead."
