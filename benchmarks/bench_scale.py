@@ -158,7 +158,7 @@ def influence_rows(store, k, args):
     ifvp_big = ak.ExplicitIFVP(damping=1e-3).fit(in_memory)
     rows, samples = [], {"memmap": [], "memory": []}
     # Interleaved runs: the machine is shared, so pair each blocked run with an in-memory one.
-    for _ in range(args.repeats):
+    for _ in range(max(5, args.repeats)):  # cheap, and noisy on a shared machine
         for key, est, tr in (("memmap", ifvp_small, train), ("memory", ifvp_big, in_memory)):
             gc.collect()
             start = time.perf_counter()
@@ -270,7 +270,12 @@ def jl_rows(args):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="small sizes, to check it runs")
-    parser.add_argument("--only", choices=["throughput", "jl"], default=None)
+    parser.add_argument(
+        "--only",
+        choices=["throughput", "influence", "jl"],
+        default=None,
+        help="one part; 'influence' alone scores Gaussian features of (b)'s shape",
+    )
     args = parser.parse_args()
     set_threads(2)
     if args.quick:
@@ -284,6 +289,14 @@ def main():
     cfg = ak.ComputeConfig(batch_size=args.batch)
     if args.only in (None, "throughput"):
         store, k = throughput(args, cfg)
+        influence_rows(store, k, args)
+    if args.only == "influence":
+        k = 4 * 16 * 16
+        store = os.path.join(tempfile.mkdtemp(prefix="bench_scale_"), "train.npy")
+        features = np.lib.format.open_memmap(store, mode="w+", dtype="float32", shape=(args.n, k))
+        features[:] = np.random.default_rng(0).standard_normal((args.n, k), dtype=np.float32)
+        features.flush()
+        del features
         influence_rows(store, k, args)
     if args.only in (None, "jl"):
         jl_rows(args)
