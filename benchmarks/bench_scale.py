@@ -27,7 +27,9 @@ the call (VmHWM), which for memmaps includes the file pages it touched;
 what was copied into memory. The machine is shared: compare ratios.
 
 Run: ``OMP_WAIT_POLICY=PASSIVE python benchmarks/bench_scale.py [--quick]``.
-``--quick``: 256-wide layers and 512 examples (a few seconds).
+``--quick``: 256-wide layers and 512 examples (a few seconds); ``--only
+{throughput,influence,jl}`` runs one part (throughput includes influence on
+(b)'s store).
 """
 
 from __future__ import annotations
