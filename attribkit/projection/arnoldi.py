@@ -363,7 +363,13 @@ class ArnoldiProjector(BaseEstimator):
       size, so a ragged last batch is right) to a float64 sum; under
       ``torch.distributed`` that sum and the example count are all-reduced,
       one collective per iteration, so every rank fits on the union of the
-      shards (API section 6). Products by ``torch.func`` on a
+      shards (API section 6); uneven shards and an empty one are fine (an
+      empty union raises), and a rank whose pass fails makes every rank
+      raise. The start vector comes from a CPU generator seeded by ``seed``
+      and every product is the same all-reduced tensor on every rank, so the
+      iteration (and its stopping decisions) is the same on every rank as
+      long as the ranks run the same torch build with the same thread count
+      (``torchrun`` sets ``OMP_NUM_THREADS=1``). Products by ``torch.func`` on a
       ``functional_call`` of the model in eval mode (mode restored; the
       parameters' ``requires_grad`` untouched); floating-point inputs are cast
       to the parameters' dtype. ``data`` must be re-iterable.
@@ -615,11 +621,6 @@ class ArnoldiProjector(BaseEstimator):
         self.eigenvectors_ = (vectors * float(self.norm_constant)).to(config.torch_dtype)
         self.proj_dim_ = n_pos
         self.n_iter_ = result.n_iter
-
-    @property
-    def _n_features_out(self) -> int:
-        """Width of ``transform``'s output (scikit-learn's feature-name helpers)."""
-        return self.proj_dim_
 
     # ------------------------------------------------------------------ transform
     def _work(self, V: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

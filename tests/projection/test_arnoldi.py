@@ -130,6 +130,17 @@ def test_ihvp_containers(problem):
     assert_close(est32.ihvp(flat), out_flat, rtol=1e-5)
 
 
+def test_projector_of_per_example_gradients(problem):
+    model, X, y, _ = problem
+    est = fit_quiet(ak.ArnoldiProjector(proj_dim=10, config=F64), model, (X, y))
+    direct = ak.per_example_gradients(model, (X, y), config=F64, projector=est)
+    assert direct.shape == (12, est.proj_dim_)
+    full = ak.per_example_gradients(model, (X, y), config=F64)
+    assert_close(direct, est.transform(full), rtol=1e-12)
+    names = est.get_feature_names_out()
+    assert list(names) == [f"arnoldiprojector{i}" for i in range(est.proj_dim_)]
+
+
 def test_rev_fwd_equals_rev_rev(problem):
     model, X, y, _ = problem
     a = fit_quiet(ak.ArnoldiProjector(proj_dim=12, mode="rev-fwd", config=F64), model, (X, y))
