@@ -149,7 +149,7 @@ def retrain_all(kind, masks, workers, desc) -> np.ndarray:
     """
     tasks = [(kind, torch.as_tensor(m)) for m in masks]
     bar = dict(total=len(tasks), desc=desc, disable=None, leave=False)
-    if workers <= 1:
+    if workers <= 1 or "fork" not in mp.get_all_start_methods():  # Windows: one process
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
