@@ -248,6 +248,31 @@ def _fit_everything(rank: int, world: int, arg, distributed=True) -> dict:
                 out[f"same:ekfac-{name}/{layer}-QA"] = est.input_eigenvectors_[layer]
                 out[f"same:ekfac-{name}/{layer}-QS"] = est.output_eigenvectors_[layer]
 
+    # Token counts (sequence inputs) and a convolution's positions.
+    g = torch.Generator().manual_seed(5)
+    seq_x = torch.randn(N, 2, 4, generator=g, dtype=torch.float64)
+    seq_y = torch.randint(0, 3, (N, 2), generator=g)
+    img_x = torch.randn(N, 1, 4, 4, generator=g, dtype=torch.float64)
+    torch.manual_seed(6)
+    others = {
+        "seq": (_Tokens(), (seq_x[s:e], seq_y[s:e])),
+        "conv": (
+            torch.nn.Sequential(
+                torch.nn.Conv2d(1, 2, 3),
+                torch.nn.Tanh(),
+                torch.nn.Flatten(),
+                torch.nn.Linear(8, 3),
+            ).double(),
+            (img_x[s:e], y[s:e]),
+        ),
+    }
+    for name, (model, d) in others.items():
+        est = ak.EKFACIFVP(config=cfg).fit(model, d)
+        out[f"ekfac-{name}/n"] = est.n_samples_
+        for layer in est.layers_:
+            out[f"ekfac-{name}/{layer}-lambda"] = est.lambdas_[layer]
+        out[f"ekfac-{name}/T"] = est.transform(_probe(est.n_features_in_))
+
     # ArnoldiProjector: one all-reduced HVP per Lanczos iteration.
     convex = linear(d=4, out=3, seed=4)
     est = ak.ArnoldiProjector(proj_dim=4, damping=0.01, config=cfg).fit(convex, data)
@@ -281,6 +306,20 @@ def _fit_everything(rank: int, world: int, arg, distributed=True) -> dict:
 
     out["traffic"] = _distributed.traffic()["bytes"] - out.pop("traffic0")
     return out
+
+
+class _Tokens(torch.nn.Module):
+    """(batch, tokens, features) -> (batch, classes, tokens) for the built-in CE."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = torch.nn.Sequential(
+            torch.nn.Linear(4, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3)
+        )
+        self.double()
+
+    def forward(self, x):
+        return self.net(x).transpose(1, 2)
 
 
 def _gather_recipe(model, shard, cfg, sizes):
