@@ -33,6 +33,7 @@ from __future__ import annotations
 import copy
 import itertools
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -174,7 +175,7 @@ def kronfluence_rows(model, X, y, grads, ours, epoch_s):
     for name in ours.layers_:
         config.prepare(storage[name], score_args, torch.device("cpu"))
         theirs = config.precondition_gradient(blocks[name], storage[name])
-        agreement.append(f"{name}: {correlation(ours_out[name], theirs):.6f}")
+        agreement.append(f"{name}: {correlation(ours_out[name], theirs):.8f}")
     total = sum(stages.values())
     stage_text = ", ".join(f"{k} {v:.1f} s" for k, v in stages.items())
     return [
@@ -240,15 +241,18 @@ def rows(repeats: int = 3, quick: bool = False, peers: bool = True) -> list[dict
     est = EKFACIFVP(damping="auto", config=config)
     grads = per_example_gradients(model, (X[:N_VECTORS], y[:N_VECTORS]), flatten=False)
     epoch(model, X[: 4 * BATCH], y[: 4 * BATCH])  # warm-up
-    epochs, fits = [], []
-    # Interleaved: the floor and the fit see the same machine load.
+    # Interleaved: each method and its floor see the same machine load.
+    epochs, fits, transforms, gemms = [], [], [], []
+    fit_mb = tr_mb = 0.0
     for _ in range(repeats):
         measure(lambda: epoch(model, X, y), 1, times=epochs)
-        measure(lambda: est.fit(model, (X, y)), 1, times=fits)
-    epoch_s, _, _ = measure(lambda: None, 0, times=epochs)
-    fit_s, fit_mb, _ = measure(lambda: None, 0, times=fits)
-    transform_s, tr_mb, _ = measure(lambda: est.transform(grads), repeats)
-    floor_s, _, _ = measure(gemm_floor(est, N_VECTORS), repeats)
+        fit_mb = max(fit_mb, measure(lambda: est.fit(model, (X, y)), 1, times=fits)[1])
+    floor = gemm_floor(est, N_VECTORS)
+    for _ in range(repeats):
+        tr_mb = max(tr_mb, measure(lambda: est.transform(grads), 1, times=transforms)[1])
+        measure(floor, 1, times=gemms)
+    epoch_s, fit_s = statistics.median(epochs), statistics.median(fits)
+    transform_s, floor_s = statistics.median(transforms), statistics.median(gemms)
     case = f"MLP 784-512-256-10, n={n:,}, batch {BATCH}, float32"
     out = [
         dict(method="one forward+backward epoch (the floor)", fit_s=epoch_s, x_epoch=1.0),
