@@ -32,9 +32,9 @@ from attribkit import _distributed
 N = 11  # examples in the data set
 BATCH = 3
 #: Seconds a collective may wait for the other ranks before it fails.
-PG_TIMEOUT = 30
+PG_TIMEOUT = 60
 #: Seconds the parent waits for a spawned run (children import torch first).
-RUN_TIMEOUT = 150
+RUN_TIMEOUT = 300
 
 
 # --------------------------------------------------------------------- harness
@@ -460,7 +460,7 @@ CASES = {
     "hang": _hang,
     "reducer": _reducer_primitives,
 }
-HANG_TIMEOUT = 4
+HANG_TIMEOUT = 6
 SIZES = {"two": [7, 4], "three": [6, 0, 5]}
 
 
