@@ -336,8 +336,10 @@ class ExplicitIFVP(BaseEstimator):
         red = reducer(config, "ExplicitIFVP.fit", device=self._device)
         limit = self._memory_limit()
         if red.active:
-            # Every rank must take the same solver: decide by the smallest memory.
-            limit = (limit[0], red.min_int(limit[1]))
+            # Every rank must take the same solver: decide by the smallest
+            # budget and the smallest available memory over the ranks.
+            limits = red.gather_ints(limit)
+            limit = (min(b for b, _ in limits), min(a for _, a in limits))
         self._fit_chunks(self._model_chunks(batches, shapes), None, limit, red)
 
     def _model_chunks(self, batches, shapes):
