@@ -292,6 +292,9 @@ def _fit_everything(rank: int, world: int, arg, distributed=True) -> dict:
 
     # per_example_gradients: each rank gets (or writes) its own rows only.
     out["rows:pergrad/G"] = ak.per_example_gradients(big, data, config=cfg)
+    if distributed and e == s:  # an empty list of batches is an empty shard too
+        empty = ak.per_example_gradients(big, [], config=cfg, flatten=False)
+        assert [tuple(t.shape) for t in empty.values()] == [(0, 5, 4), (0, 5), (0, 3, 5), (0, 3)]
     out["rows:pergrad/kron"] = ak.per_example_gradients(big, data, projector=kron, config=cfg)
     buf = torch.full((e - s, proj.proj_dim), float("nan"), dtype=torch.float64)
     got = ak.per_example_gradients(big, data, projector=proj, config=cfg, out=buf)

@@ -465,9 +465,7 @@ default="module"
         except RuntimeError:
             red = Reducer(False)
         if not red.active or red.world_size != len(sizes) or red.rank != rank:
-            now = (
-                f"rank {red.rank} of {red.world_size}" if red.active else "no process group"
-            )
+            now = f"rank {red.rank} of {red.world_size}" if red.active else "no process group"
             raise RuntimeError(
                 f"This DataInfIFVP was fitted across {len(sizes)} processes and holds only "
                 f"rank {rank}'s shard of the training gradients ({sizes[rank]} of "
@@ -503,17 +501,14 @@ default="module"
         """
         red = self._shard_reducer()
         self._collective_calls = getattr(self, "_collective_calls", 0) + 1
-        red.agree(
-            "DataInfIFVP.transform",
-            shape=V.shape,
-            fingerprint=(
-                float(torch.linalg.vector_norm(V, ord=1, dtype=torch.float64)),
-                float(V.sum(dtype=torch.float64)),
-                float((V @ torch.cos(torch.arange(V.shape[1], device=V.device)).to(V.dtype)).sum(
-                    dtype=torch.float64
-                )),
-            ),
+        # Checksums of V: the ranks must pass the same vectors, not just shapes.
+        weights = torch.cos(torch.arange(V.shape[1], device=V.device)).to(V.dtype)
+        fingerprint = (
+            float(torch.linalg.vector_norm(V, ord=1, dtype=torch.float64)),
+            float(V.sum(dtype=torch.float64)),
+            float((V @ weights).sum(dtype=torch.float64)),
         )
+        red.agree("DataInfIFVP.transform", shape=V.shape, fingerprint=fingerprint)
         correction = torch.zeros_like(V)
         for k, segments in enumerate(self._segments):
             part = self._layer_correction(k, self._gather(V, segments))
