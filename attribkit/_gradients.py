@@ -656,7 +656,8 @@ def per_example_gradients(
     ``torch.distributed`` each rank passes its own shard of the data and
     computes (or writes into ``out``) its own rows only; with
     ``config.distributed`` on (the default ``"auto"``) a rank whose shard is
-    empty and of known length gets ``0`` rows instead of the empty-data
+    empty and of known length (a tuple of tensors, a Dataset, a DataLoader,
+    an empty list of batches) gets ``0`` rows instead of the empty-data
     error. To fill one file from every rank, give each rank its row slice of
     a shared memmap (a slice of an ``np.memmap`` is one)::
 
@@ -703,7 +704,7 @@ def per_example_gradients(
             f"Got {type(model).__name__} instead."
         )
     device, dtype = config.torch_device, config.torch_dtype
-    if _known_length(data) == 0:
+    if _known_length(data) == 0 or (isinstance(data, (list, tuple)) and len(data) == 0):
         from ._distributed import reducer
 
         if reducer(config, "per_example_gradients").active:  # an empty shard: 0 rows
