@@ -882,9 +882,12 @@ class MeanLossHVP:
         self._reducer = reducer(config, V._owner(owner))
         self._checked = False
         self.n_samples: int | None = None
+        # rev-rev on data of one batch: that batch's linearisation (vjp pullback)
+        # and size, kept between calls, as every pass would rebuild the same one.
+        self._kept = None
 
-    def _batch_hvp(self, inputs, targets, tangents: dict) -> dict:
-        """``H_b v`` for the summed loss of one batch."""
+    def _batch_hvp(self, inputs, targets, tangents: dict) -> tuple[dict, Callable | None]:
+        """``H_b v`` for the summed loss of one batch, and the vjp pullback (rev-rev)."""
         model, frozen, loss_fn = self.model, self._frozen, self.loss_fn
         builtin_ce = loss_fn is _cross_entropy
 
@@ -900,11 +903,11 @@ class MeanLossHVP:
         if self.mode == "rev-fwd":
             from torch.func import jvp
 
-            return jvp(gradient, (self._sel,), (tangents,))[1]
+            return jvp(gradient, (self._sel,), (tangents,))[1], None
         from torch.func import vjp
 
         _, pullback = vjp(gradient, self._sel)
-        return pullback(tangents)[0]
+        return pullback(tangents)[0], pullback
 
     def __call__(self, v: torch.Tensor) -> torch.Tensor:
         """``(H + damping I) v`` for a flat ``(p,)`` vector, in float64 on ``v``'s device."""
@@ -960,7 +963,13 @@ class MeanLossHVP:
 
     def _pass(self, total: torch.Tensor, tangents: dict) -> None:
         """Add this rank's ``sum_b H_b v`` to ``total[:-2]`` and its count to ``total[-2]``."""
+        if self._kept is not None:
+            pullback, size = self._kept
+            self._add(total, pullback(tangents)[0])
+            total[-2] += size
+            return
         batches = iter_batches(self.data, self._config, device=self.device, dtype=self.dtype)
+        seen, pullback = 0, None
         with _EvalMode(self.model):
             for inputs, targets in batches:
                 if not self._checked:
@@ -969,8 +978,9 @@ class MeanLossHVP:
                         outputs = _first_call(self.model, state, inputs, targets, self.owner)
                     _check_loss_output(self.loss_fn, outputs, targets, self.owner)
                     self._checked = True
+                pullback = None  # a second batch's HVP never holds the first one's graph
                 try:
-                    hv = self._batch_hvp(inputs, targets, tangents)
+                    hv, pullback = self._batch_hvp(inputs, targets, tangents)
                 except (RuntimeError, NotImplementedError) as exc:
                     if self.mode != "rev-fwd":
                         raise
@@ -979,9 +989,16 @@ class MeanLossHVP:
                         f"product (mode='rev-fwd') failed with {type(exc).__name__}: {exc}\n"
                         "Some operators have no forward-mode rule; use mode='rev-rev'."
                     ) from exc
-                offset = 0
-                for name in self.param_shapes:
-                    block = hv[name].reshape(-1)
-                    total[offset : offset + block.numel()] += block.to(torch.float64)
-                    offset += block.numel()
+                self._add(total, hv)
                 total[-2] += batch_len(inputs)
+                seen += 1
+        if seen == 1 and pullback is not None:
+            self._kept = (pullback, float(total[-2]))
+
+    def _add(self, total: torch.Tensor, hv: dict) -> None:
+        """``total[:p] += flat(hv)`` in float64."""
+        offset = 0
+        for name in self.param_shapes:
+            block = hv[name].reshape(-1)
+            total[offset : offset + block.numel()] += block.to(torch.float64)
+            offset += block.numel()

@@ -148,6 +148,11 @@ def test_rev_fwd_equals_rev_rev(problem):
     assert a.n_iter_ == b.n_iter_
     assert_close(a.eigenvalues_, b.eigenvalues_, rtol=1e-12)
     assert_close(a.eigenvectors_, b.eigenvectors_, rtol=1e-10)
+    # One batch keeps its linearisation between iterations; several do not.
+    loader = DataLoader(TensorDataset(X, y), batch_size=5)
+    c = fit_quiet(ak.ArnoldiProjector(proj_dim=12, mode="rev-rev", config=F64), model, loader)
+    assert_close(c.eigenvalues_, b.eigenvalues_, rtol=1e-12)
+    assert_close(c.eigenvectors_, b.eigenvectors_, rtol=1e-10)
 
 
 def test_batch_size_invariance_with_ragged_loader(problem):
