@@ -820,7 +820,9 @@ class MeanLossHVP:
         (forward-over-reverse, the cheaper one); ``"rev-rev"``:
         ``torch.func.vjp`` of the gradient (reverse-over-reverse, for
         operators without forward-mode rules). Both give the same values to
-        rounding.
+        rounding. With ``"rev-rev"`` and data of a single batch, that batch's
+        linearisation (the vjp pullback, about one product's working memory)
+        is kept between calls instead of being rebuilt by every pass.
     damping : float
         ``damping * v`` is added to the product (in float64).
     config : ComputeConfig

@@ -419,8 +419,11 @@ class ArnoldiProjector(BaseEstimator):
         exact restricted inverse. (Internally the basis stays orthonormal.)
     mode : {"rev-fwd", "rev-rev"}, default="rev-fwd"
         Model mode: Hessian-vector products as the forward-mode ``jvp`` of
-        the reverse-mode gradient (cheaper) or the ``vjp`` of the gradient
-        (for operators without forward-mode rules). Same values to rounding.
+        the reverse-mode gradient or the ``vjp`` of the gradient (for
+        operators without forward-mode rules). Same values to rounding. When
+        ``data`` is a single batch, ``"rev-rev"`` keeps that batch's
+        linearisation between iterations (no new forward pass per product),
+        which makes it the faster mode on data that fits one batch.
     seed : int, default=0
         Seed of the start vector: standard normal, drawn in float64 on the
         CPU and moved, so the same on every device and process.
