@@ -382,7 +382,10 @@ class EKFACIFVP(BaseEstimator):
 
     ``fit(model, data)`` hooks the model's ``nn.Linear`` and ``nn.Conv2d``
     layers; the forward pass needs no change. Two passes over ``data``: the
-    covariances (then float64 eigendecompositions), then ``Λ``.
+    covariances (then float64 eigendecompositions), then ``Λ``. The vectors
+    ``transform`` takes are laid out like ``param_shapes_`` (the covered
+    parameters only): per-example gradients in that layout come from
+    ``ak.per_example_gradients(model, data, params=list(ekfac.param_shapes_))``.
 
     Parameters
     ----------
