@@ -308,6 +308,15 @@ def _fit_everything(rank: int, world: int, arg, distributed=True) -> dict:
         out["pergrad/memmap"] = ak.per_example_gradients(big, data, projector=proj, config=cfg)
 
     out["traffic"] = _distributed.traffic()["bytes"] - out.pop("traffic0")
+    if distributed and e > s:  # array-mode fits stay local: no collective at all
+        G = torch.randn(
+            e - s, 6, generator=torch.Generator().manual_seed(rank), dtype=torch.float64
+        )
+        before = _distributed.traffic()["collectives"]
+        assert ak.ExplicitIFVP(damping=0.1, config=cfg).fit(G).n_samples_ == e - s
+        assert ak.DataInfIFVP(config=cfg).fit(G).shard_sizes_ == (e - s,)
+        assert ak.ArnoldiProjector(proj_dim=2, config=cfg).fit(G).n_samples_ == e - s
+        assert _distributed.traffic()["collectives"] == before
     return out
 
 
