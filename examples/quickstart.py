@@ -300,7 +300,11 @@ def figure_examples(path, X_train, y_train, X_show, y_show, pred_show, top, bott
         (k + 3, "top opponents (training label, score)", "tab:red"),
     ):
         fig.text(axes[0, col].get_position().x0, top_edge + 0.06, text, fontsize=9, color=colour)
-    fig.suptitle(f"Influence on test digits, logistic model, {method}", fontsize=10, y=0.995)
+    fig.suptitle(
+        f"Influence on the test loss (at the true label), logistic model, {method}",
+        fontsize=10,
+        y=0.995,
+    )
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
