@@ -200,7 +200,8 @@ def lanczos(
                     f"{V._owner(owner)}: the curvature-vector product must return a ({p},) "
                     f"tensor. Got {shape}."
                 )
-            w = w.to(device=device, dtype=_F64)
+            # A copy: w is updated in place and may alias the input or matvec's state.
+            w = w.to(device=device, dtype=_F64, copy=True)
             norm = float(torch.linalg.vector_norm(w))
             if not math.isfinite(norm):
                 raise ValueError(

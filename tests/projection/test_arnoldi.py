@@ -373,6 +373,12 @@ def test_core_lanczos_on_a_callable():
     assert_close(vectors @ dense, values[:, None] * vectors, rtol=1e-10, atol=1e-12)
     top, top_vectors, _, n_zero = eigenpairs(matvec, 8, 3, max_iter=50)
     assert n_zero == 0 and top.shape == (3,) and top_vectors.shape == (3, 8)
+    # A matvec that returns its input (the identity) must not corrupt the basis.
+    ident = lanczos(lambda v: v, 8, max_iter=5)
+    assert ident.n_iter == 1 and ident.invariant
+    values, vectors = ritz_pairs(ident)
+    assert_close(values, torch.ones(1, dtype=torch.float64), rtol=1e-15)
+    assert_close(vectors.norm(dim=1), torch.ones(1, dtype=torch.float64), rtol=1e-15)
     with pytest.raises(ValueError, match=r"must return a \(8,\) tensor"):
         lanczos(lambda v: v[:4], 8)
     with pytest.raises(ValueError, match="not finite"):
