@@ -135,7 +135,8 @@ def expected_targets(outputs: torch.Tensor, loss) -> tuple[torch.Tensor, torch.T
         targets = torch.arange(classes, device=outputs.device).unsqueeze(1).expand(classes, n)
         return targets.contiguous(), weights.contiguous()
     dim = math.prod(outputs.shape[1:])
-    eye = torch.eye(dim, dtype=outputs.dtype, device=outputs.device).reshape(dim, 1, *outputs.shape[1:])
+    eye = torch.eye(dim, dtype=outputs.dtype, device=outputs.device)
+    eye = eye.reshape(dim, 1, *outputs.shape[1:])
     targets = outputs.unsqueeze(0) - math.sqrt(dim / 2.0) * eye
     weights = torch.ones(dim, n, dtype=outputs.dtype, device=outputs.device)
     return targets, weights
