@@ -5,7 +5,7 @@ from ._gradients import per_example_gradients
 from ._scores import influence, self_influence
 from .base import BaseEstimator
 from .config import ComputeConfig
-from .ifvp import DataInfIFVP, EKFACIFVP, ExplicitIFVP
+from .ifvp import EKFACIFVP, DataInfIFVP, ExplicitIFVP
 from .projection import ArnoldiProjector, KroneckerProjector, RandomProjector
 
 __version__ = "0.1.0"
