@@ -11,10 +11,15 @@ each estimator the table gives
   processes cannot beat one process using both cores by much, and the
   machine is shared, so read the ratios, not the seconds;
 * the payload bytes each rank passed to collectives during one fit
-  (``attribkit._distributed.traffic``), against the bytes of the fitted
-  statistics themselves (ExplicitIFVP's dense form: the ``p x p`` float64
-  Fisher; EKFACIFVP: both covariances and Λ per layer, float64): one
-  reduction per pass means the ratio stays about 1, whatever the data size;
+  (``attribkit._distributed.traffic``: an all-reduce counts its tensor, a
+  broadcast counts it on every rank, an all-gather this rank's part),
+  against the bytes of the fitted statistics themselves (ExplicitIFVP's
+  dense form: the ``p x p`` float64 Fisher, all-reduced once; its kernel
+  form, taken when ``n (n + p) < p^2``: the ``n x p`` kept gradients, of
+  which each rank sends its share to the all-gather; EKFACIFVP: both
+  covariances and Λ per layer, float64, where the eigenbases broadcast
+  after pass 1 add about the covariances' size again): one reduction per
+  pass means the ratio does not grow with the data;
 * the largest relative difference of ``transform`` between the two-process
   and the one-process fit (float32 model and data, float64 statistics).
 
@@ -43,7 +48,7 @@ def _free_port() -> int:
 
 def _problem(quick: bool):
     g = torch.Generator().manual_seed(0)
-    n = 2000 if quick else 8000
+    n = 4000 if quick else 32000
     X = torch.randn(n, 128, generator=g)
     y = torch.randint(0, 10, (n,), generator=g)
     torch.manual_seed(0)
@@ -55,6 +60,11 @@ def _problem(quick: bool):
         torch.nn.Linear(128, 14), torch.nn.Tanh(), torch.nn.Linear(14, 10)
     )
     return X, y, ekfac_model, explicit_model
+
+
+#: Examples each estimator fits on (the first ones of the data set): EK-FAC
+#: streams cheaply, ExplicitIFVP pays n p^2 for its dense Fisher.
+SIZES = {"EKFACIFVP": 1.0, "ExplicitIFVP": 0.25}
 
 
 def _estimators(cfg):
@@ -73,6 +83,8 @@ def _stat_bytes(name: str, est) -> int:
             d_out, d_in = est.lambdas_[layer].shape
             total += 8 * (d_in * d_in + d_out * d_out + d_out * d_in)
         return total
+    if est.solver_ == "woodbury":  # the kept gradients are the statistics
+        return 8 * est.n_samples_ * est.n_features_in_
     return 8 * est.n_features_in_**2
 
 
@@ -93,13 +105,13 @@ def _worker(rank, world, port, threads, quick, repeats, queue):
             timeout=datetime.timedelta(seconds=600),
         )
     X, y, ekfac_model, explicit_model = _problem(quick)
-    n = X.shape[0]
-    lo, hi = rank * n // world, (rank + 1) * n // world
     cfg = ak.ComputeConfig(batch_size=256, progress=False)
     models = {"ekfac": ekfac_model, "explicit": explicit_model}
     out = {}
     for name, (make, which) in _estimators(cfg).items():
         model = models[which]
+        n = int(SIZES[name] * X.shape[0])
+        lo, hi = rank * n // world, (rank + 1) * n // world
         data = (X[lo:hi], y[lo:hi])
         times, sent = [], 0
         for _ in range(repeats):
@@ -120,6 +132,8 @@ def _worker(rank, world, port, threads, quick, repeats, queue):
             "fit_s": statistics.median(times),
             "bytes": sent,
             "stat_bytes": _stat_bytes(name, est),
+            "n": est.n_samples_,
+            "label": f"{name} ({est.solver_})" if name == "ExplicitIFVP" else name,
             "T": est.transform(V).double().numpy(),  # numpy: no shared-memory handle
         }
     if rank == 0:
@@ -156,7 +170,6 @@ def main():
         ("1 process", 2): _run(1, 2, quick, repeats),
         ("2 processes", 1): _run(2, 1, quick, repeats),
     }
-    X = _problem(quick)[0]
     rows = []
     for name in ("EKFACIFVP", "ExplicitIFVP"):
         single = runs[("1 process", 2)][name]
@@ -165,7 +178,7 @@ def main():
             diff = abs(r["T"] - single["T"]).max() / abs(single["T"]).max()
             rows.append(
                 {
-                    "estimator": name,
+                    "estimator": f"{r['label']} n={r['n']}",
                     "run": f"{how} x {threads} thread{'s' if threads > 1 else ''}",
                     "fit_s": r["fit_s"],
                     "ratio": single["fit_s"] / r["fit_s"],
@@ -176,8 +189,9 @@ def main():
                 }
             )
     print_table(
-        f"Distributed fit, {X.shape[0]} examples of 128 features, float32, gloo on one "
-        "2-core machine shared with others (speed-up: 1 process x 2 threads time / this "
+        "Distributed fit, MLPs on n examples of 128 features (EKFACIFVP: 128-256-10, "
+        "ExplicitIFVP: 128-14-10, p = 1956), float32, gloo on one 2-core machine shared "
+        "with others (speed-up: 1 process x 2 threads time / this "
         "row's; MB sent: payload per rank per fit; x stats: MB sent / MB of the statistics; "
         "diff: max relative difference of transform from 1 process x 2 threads)",
         rows,
