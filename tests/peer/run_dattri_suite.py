@@ -183,19 +183,19 @@ def run(folder: str, seed: int, timeout: float) -> dict[str, str]:
 
 
 def table(results: dict, targets, seeds) -> str:
+    """Rows: tests; columns: seeds; cells: the outcome per target, ``dattri/attribkit``."""
     tests = sorted({t for r in results.values() for t in r if not t.startswith("_")})
     short = {"passed": "pass", "failed": "FAIL", "error": "ERR", "skipped": "skip"}
-    width = max(len(t) for t in tests)
-    head = f"{'test':<{width}}  " + "  ".join(
-        f"{f'{tg}/{s}':>12}" for s in seeds for tg in targets
-    )
-    rows = [head, "-" * len(head)]
+    label = "cells: " + "/".join(targets)
+    width = max(len(label), *(len(t) for t in tests))
+    cell = max(7, 5 * len(targets) - 1)
+    rows = [f"{label:<{width}}  " + "  ".join(f"{f'seed {s}':>{cell}}" for s in seeds)]
+    rows.append("-" * len(rows[0]))
     for t in tests:
-        cells = []
-        for s in seeds:
-            for tg in targets:
-                cells.append(f"{short.get(results[(tg, s)].get(t, '-'), '-'):>12}")
-        rows.append(f"{t:<{width}}  " + "  ".join(cells))
+        cells = [
+            "/".join(short.get(results[(tg, s)].get(t, "-"), "-") for tg in targets) for s in seeds
+        ]
+        rows.append(f"{t:<{width}}  " + "  ".join(f"{c:>{cell}}" for c in cells))
     return "\n".join(rows)
 
 
