@@ -241,6 +241,8 @@ def _fit_everything(rank: int, world: int, arg, distributed=True) -> dict:
                 out[f"ekfac-{name}/{layer}-{side}-eigenvalues"] = w
                 out[f"ekfac-{name}/{layer}-{side}-covariance"] = (Q * w) @ Q.T
             out[f"ekfac-{name}/{layer}-lambda"] = est.lambdas_[layer]
+            out[f"ekfac-{name}/{layer}-QA"] = est.input_eigenvectors_[layer]
+            out[f"ekfac-{name}/{layer}-QS"] = est.output_eigenvectors_[layer]
         out[f"ekfac-{name}/T"] = est.transform(V)
         out[f"ekfac-{name}/FVP"] = est.inverse_transform(V)
         if distributed and world > 1:  # the very same bases on every rank (broadcast)
