@@ -622,3 +622,26 @@ def test_single_process_empty_data_error_is_unchanged():
     X, y = _problem()
     with pytest.raises(ValueError, match="The 'data' argument is empty: it yielded no example"):
         ak.ExplicitIFVP(damping=0.1).fit(mlp(d=4, hidden=5, out=3), (X[:0], y[:0]))
+
+
+def test_inactive_reducer_is_a_no_op():
+    red = _distributed.reducer(ak.ComputeConfig())  # no process group here
+    assert not red.active and (red.rank, red.world_size) == (0, 1)
+    t = torch.arange(4.0)
+    before = _distributed.traffic()
+    red.sum_(t)
+    red.broadcast_(t)
+    red.agree("x", shape=(1, 2), fingerprint=(1.0,))
+    assert torch.equal(t, torch.arange(4.0))
+    assert red.gather_rows(t[:2]) is not None and red.gather_ints([3]) == [[3]]
+    assert red.sum_int(5) == 5 and red.min_int(7) == 7
+    assert _distributed.traffic() == before  # nothing was sent
+    with red.shard_pass("fit") as shard:
+        shard.count += 3
+    assert shard.total == 3
+    # One process: the empty-data error passes through unchanged.
+    X, y = _problem()
+    with pytest.raises(ValueError, match="yielded no example"):
+        with red.shard_pass("fit"):
+            list(ak._data.iter_batches((X[:0], y[:0]), ak.ComputeConfig()))
+    assert not _distributed.reducer(ak.ComputeConfig(distributed=False)).active
