@@ -203,6 +203,8 @@ def _fit_everything(rank: int, world: int, arg, distributed=True) -> dict:
             out[f"explicit-{name}/G"] = est.gradients_
         out[f"explicit-{name}/T"] = est.transform(V)
         out[f"explicit-{name}/FVP"] = est.inverse_transform(V)
+        if distributed and world > 1:
+            out[f"explicit-{name}/pickle"] = pickle.dumps(est)
 
     # DataInfIFVP: each rank keeps its shard; transform is collective.
     for name, kwargs in {"auto": {}, "fixed": {"damping": 0.3, "layers": "parameter"}}.items():
@@ -245,6 +247,8 @@ def _fit_everything(rank: int, world: int, arg, distributed=True) -> dict:
             out[f"ekfac-{name}/{layer}-QS"] = est.output_eigenvectors_[layer]
         out[f"ekfac-{name}/T"] = est.transform(V)
         out[f"ekfac-{name}/FVP"] = est.inverse_transform(V)
+        if distributed and world > 1:
+            out[f"ekfac-{name}/pickle"] = pickle.dumps(est)
         if distributed and world > 1:  # the very same bases on every rank (broadcast)
             for layer in est.layers_:
                 out[f"same:ekfac-{name}/{layer}-QA"] = est.input_eigenvectors_[layer]
@@ -550,6 +554,18 @@ def test_reducer_collectives(session):
         kind, message = got["gather_rows_bad"]
         assert kind == "ValueError" and "rank 0: (1, 2), rank 1: (1, 3)" in message
     assert ranks[0]["gather_rows"].dtype == torch.float32
+
+
+@pytest.mark.slow
+def test_distributed_fits_pickle_into_one_process(session):
+    # No process group travels in the pickle: the state alone, usable anywhere.
+    got, ref = ok(session["two"])[0], _reference(tuple(SIZES["two"]))
+    keys = [k for k in got if k.endswith("/pickle") and not k.startswith("datainf")]
+    assert len(keys) == 9  # six ExplicitIFVP fits, three EKFACIFVP fits
+    for key in keys:
+        est = pickle.loads(got[key])
+        prefix = key.rsplit("/", 1)[0]
+        assert_close(est.transform(_probe(est.n_features_in_)), ref[f"{prefix}/T"], rtol=1e-10)
 
 
 @pytest.mark.slow
