@@ -47,7 +47,7 @@ bench: install  ## set up and run every benchmark (dattri best-effort)
 	$(PIP) install --no-deps dattri==0.1.0 || echo "dattri not installed; skipping it"
 	OMP_WAIT_POLICY=$(OMP_WAIT_POLICY) $(PYTHON) benchmarks/run.py
 
-# dattri's own tests of the seed's functions, against attribkit.functional (needs PyPI).
+# dattri's own tests of the functions attribkit.functional mirrors, against attribkit.functional (needs PyPI).
 # Not part of `make test`: it installs dattri 0.1.0 (--no-deps: its tests import only
 # torch and numpy besides dattri) and takes minutes (several seeds, both libraries).
 PEER_SEEDS ?= 0 1 2 3 4

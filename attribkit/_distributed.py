@@ -1,7 +1,7 @@
 """Reductions of fitted statistics over a ``torch.distributed`` process group.
 
 Every estimator that fits across processes goes through one ``Reducer``
-(API.md section 6): each rank streams its own shard of the data, sums its
+: each rank streams its own shard of the data, sums its
 sufficient statistics, and calls the reducer once per pass; afterwards every
 rank holds the statistics of the union of the shards. Only
 ``torch.distributed`` collectives are used (``gloo`` on the CPU, ``nccl`` on

@@ -1,4 +1,4 @@
-"""ArnoldiProjector against the seed's ``arnoldi_project`` (dattri 0.1.0) and a dense truth.
+"""ArnoldiProjector against dattri 0.1.0's ``arnoldi_project`` and a dense truth.
 
 Case (issue 9): an MLP of about 10k parameters (64 -> 128 -> 10, tanh, float32,
 9,610 parameters), 1000 examples, cross-entropy, ``proj_dim=50``,

@@ -1,5 +1,5 @@
 """Attribution at scale: projected gradients streamed into ``out`` (memmaps included)
-and influence scored in blocks from memmaps (API.md section 3)."""
+and influence scored in blocks from memmaps."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Plumbing shared by the functional wrappers: configs, pytrees and checks.
 
-Nothing here computes anything an estimator computes; it turns the seed's
+Nothing here computes anything an estimator computes; it turns dattri 0.1.0's
 calling conventions (callables, tuples of tensors, pytrees of gradients) into
 the arrays and configs the estimators take.
 """

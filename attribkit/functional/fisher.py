@@ -1,6 +1,6 @@
 """The seed's inverse-Fisher-vector-product functions, over attribkit's estimators.
 
-Each function takes the seed's arguments (a loss function ``func`` and its
+Each function takes dattri 0.1.0's arguments (a loss function ``func`` and its
 arguments ``x``), computes the gradients the seed says with ``torch.func``,
 and hands them to an estimator that does the algebra:
 
@@ -12,8 +12,8 @@ and hands them to an estimator that does the algebra:
   fed with the ``(input, output-gradient)`` pairs that the user's
   :class:`MLPCache` records.
 
-Names, parameter order, kinds and defaults are the seed's (dattri 0.1.0's
-``dattri.func.fisher``); where the reference's documented behaviour is
+Names, parameter order, kinds and defaults are those of dattri 0.1.0's
+``dattri.func.fisher``; where the reference's documented behaviour is
 mathematically wrong the functions do the correct thing, and their docstrings
 say where and why.
 """
@@ -53,14 +53,14 @@ __all__ = [
 
 
 class IFVPUsageError(ValueError):
-    """Misuse of the IFVP functions (the seed's ``IFVPUsageError``).
+    """Misuse of the IFVP functions (dattri 0.1.0's ``IFVPUsageError``).
 
     Raised, as in the seed, when a DataInf ``regularization`` list does not
     have one entry per layer, and for the other inconsistent inputs the
     functions detect (a ``param_layer_map`` that does not match the
     parameters, ``in_dims`` that do not match ``*x``, mismatched batch sizes,
     an :class:`MLPCache` holding something other than tensors). It subclasses
-    ``ValueError`` (the seed's subclasses ``Exception``), so code catching
+    ``ValueError`` (dattri 0.1.0's subclasses ``Exception``), so code catching
     either keeps working.
     """
 
@@ -297,7 +297,7 @@ def _layer_groups(param_layer_map, n_params: int, func_name: str) -> list[list[i
 
 
 def _layer_damping(regularization, groups, n_params: int, has_map: bool, func_name: str):
-    """DataInfIFVP's ``damping`` for the seed's ``regularization``."""
+    """DataInfIFVP's ``damping`` for dattri's ``regularization``."""
     if regularization is None:
         return "auto"
     if is_real(regularization):

@@ -5,8 +5,8 @@
 * ``arnoldi_project`` -> the Lanczos core of :class:`attribkit.ArnoldiProjector`,
   run on the Hessian-vector products of the user's ``func`` at ``x``.
 
-Names, parameter order, kinds and defaults are the seed's (dattri 0.1.0's
-``dattri.func.projection``).
+Names, parameter order, kinds and defaults are those of dattri 0.1.0's
+``dattri.func.projection``.
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ Reusing the core
 ----------------
 :func:`lanczos` and :func:`ritz_pairs` know nothing about models: any
 symmetric linear map given as a callable works, e.g. the Hessian of an
-arbitrary function ``f(x)`` (what the seed's ``arnoldi_project`` takes)::
+arbitrary function ``f(x)`` (what dattri 0.1.0's ``arnoldi_project`` takes)::
 
     from torch.func import grad, jvp
     matvec = lambda v: jvp(grad(f), (x,), (v.to(x.dtype),))[1].reshape(-1)
@@ -354,8 +354,8 @@ class ArnoldiProjector(BaseEstimator):
     The Hessian is symmetric, so the iteration here is its symmetric form,
     **Lanczos iteration with full re-orthogonalisation** [2]_ (classical
     Gram-Schmidt twice against the whole basis every step), which keeps the
-    basis orthonormal to working precision: the seed's reference (dattri
-    0.1.0) does a single Gram-Schmidt sweep and loses orthogonality.
+    basis orthonormal to working precision: dattri
+    0.1.0's ``arnoldi_project`` does a single Gram-Schmidt sweep and loses orthogonality.
 
     * model mode (``fit(model, data)``): the curvature is ``H + damping I``,
       ``H`` the Hessian of the **mean** loss over ``data`` in the selected
@@ -382,7 +382,7 @@ class ArnoldiProjector(BaseEstimator):
     projects on those with a positive eigenvalue, scaled so that
     ``transform(a) @ transform(b).T = a H_k^+ b^T`` (``H_k^+`` the inverse
     restricted to them); ``ihvp`` applies the restricted inverse over all
-    kept, signed, pairs (the seed's ``arnoldi_project`` semantics).
+    kept, signed, pairs (dattri 0.1.0's ``arnoldi_project`` semantics).
 
     Parameters
     ----------
@@ -407,11 +407,11 @@ class ArnoldiProjector(BaseEstimator):
     tol : float, default=1e-7
         Early stop on an invariant subspace: the iteration ends when a new
         residual has norm ``<= tol`` times the largest ``||A q_j||`` seen (so
-        ``tol`` is relative to the scale of the curvature; the seed's is an
+        ``tol`` is relative to the scale of the curvature; dattri 0.1.0's is an
         absolute threshold). Then the Krylov space is invariant and its Ritz
         pairs are exact eigenpairs.
     norm_constant : float, default=1.0
-        ``> 0``: the norm of the stored eigenvectors, as in the seed's
+        ``> 0``: the norm of the stored eigenvectors, as in dattri 0.1.0's
         reference (Schioppa et al.'s ``norm_constant``), where its basis
         vectors have this norm. With many parameters the entries of unit
         vectors are tiny (``~1/sqrt(p)``); a larger norm keeps them well
@@ -642,7 +642,7 @@ class ArnoldiProjector(BaseEstimator):
     def ihvp(self, vectors):
         """Inverse curvature restricted to the kept eigenpairs: ``((V U^T) / eigenvalues_) U``.
 
-        Over all ``k`` kept pairs, negative ones included (the seed's
+        Over all ``k`` kept pairs, negative ones included (dattri 0.1.0's
         ``arnoldi_project`` semantics). With ``norm_constant=c`` the result
         is ``c**2`` times the restricted inverse, as in the seed.
 

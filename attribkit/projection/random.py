@@ -46,7 +46,7 @@ class RandomProjector(BaseEstimator):
     cached in memory when ``n_features * proj_dim`` entries fit
     ``config.memory_budget``. Under ``torch.distributed`` it therefore needs
     no communication: every rank that fits the same layout and seed projects
-    with the same matrix (API.md section 6).
+    with the same matrix.
 
     Parameters
     ----------

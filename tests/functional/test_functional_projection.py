@@ -20,7 +20,7 @@ F32 = ComputeConfig(dtype="float32", progress=False)
 def _named_gradients(batch=6, seed=0):
     torch.manual_seed(seed)
     model = torch.nn.Sequential(torch.nn.Linear(7, 5), torch.nn.ReLU(), torch.nn.Linear(5, 3))
-    # Shaped like model.named_parameters(), one row per example (as the seed's tests do).
+    # Shaped like model.named_parameters(), one row per example (as dattri 0.1.0's tests do).
     grads = {k: torch.randn(batch, p.numel()) for k, p in model.named_parameters()}
     shaped = {
         k: g.reshape(batch, *p.shape)

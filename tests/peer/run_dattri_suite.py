@@ -1,4 +1,4 @@
-"""Run dattri 0.1.0's own tests of the seed's functions against attribkit.functional.
+"""Run dattri 0.1.0's own tests of the functions attribkit.functional mirrors against attribkit.functional.
 
 ``make peer-test`` installs ``dattri==0.1.0`` (``pip install --no-deps``: its
 tests need only torch and numpy besides dattri itself) and runs this script.
@@ -6,7 +6,7 @@ For each seed it copies dattri's ``test/dattri/func/test_fisher.py`` and
 ``test_proj.py`` (shipped in the wheel) to a temporary folder twice:
 
 * ``dattri``: unmodified, against dattri itself;
-* ``attribkit``: with only the imports of the seed's functions rewritten to
+* ``attribkit``: with only the imports of those functions rewritten to
   ``attribkit.functional`` (dattri's helpers, ``ihvp_at_x_explicit``,
   ``flatten_func`` and its projector classes, stay dattri's: they are the
   oracle the tests compare with),
@@ -105,7 +105,7 @@ def dattri_test_files() -> dict[str, str]:
 
 
 def rewrite_imports(source: str, filename: str) -> str:
-    """Point the imports of the seed's functions at attribkit.functional; nothing else."""
+    """Point the imports of those functions at attribkit.functional; nothing else."""
     tree = ast.parse(source)
     lines = source.splitlines(keepends=True)
     edits = []
@@ -126,7 +126,7 @@ def rewrite_imports(source: str, filename: str) -> str:
         new += f"from attribkit.functional import {names(ours)}\n"
         edits.append((node.lineno - 1, node.end_lineno, new))
     if not edits:
-        raise SystemExit(f"{filename}: no import of the seed's functions found to rewrite.")
+        raise SystemExit(f"{filename}: no import of dattri's functions found to rewrite.")
     for start, end, new in sorted(edits, reverse=True):
         lines[start:end] = [new]
     return "".join(lines)

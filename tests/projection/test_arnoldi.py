@@ -273,7 +273,7 @@ def test_defaults_give_no_nan(problem, dtype):
 
 
 def test_float32_basis_stays_orthogonal():
-    # The seed's reference loses orthogonality in float32 after ~19 iterations.
+    # dattri 0.1.0's arnoldi_project loses orthogonality in float32 after ~19 iterations.
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(10, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4))
     X = torch.randn(64, 10)
