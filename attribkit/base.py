@@ -290,7 +290,18 @@ class BaseEstimator(sklearn.base.TransformerMixin, sklearn.base.BaseEstimator):
     # ------------------------------------------------------------ devices & pickling
     def to(self, device):
         """Move the fitted state to ``device`` (``"cpu"``, ``"cuda[:N]"``); returns self."""
-        target = torch.device(device) if device != "auto" else ComputeConfig("auto").torch_device
+        if isinstance(device, str) and device == "auto":
+            target = ComputeConfig("auto").torch_device
+        else:
+            try:
+                target = torch.device(device) if isinstance(device, (str, torch.device)) else None
+            except RuntimeError:
+                target = None
+            if target is None:
+                raise ValueError(
+                    f"The 'device' argument of {type(self).__name__}.to must be 'cpu', "
+                    f"'cuda', 'cuda:N', 'auto' or a torch.device. Got {device!r} instead."
+                )
         check_device_available(target)
         if hasattr(self, "_device"):
             self._move(target)

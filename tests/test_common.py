@@ -194,6 +194,14 @@ def test_unavailable_device_is_refused(name):
         est.to("cuda")
 
 
+@pytest.mark.parametrize("device", ["gpu", "tpu:0", 3, None])
+def test_to_refuses_a_malformed_device_clearly(device):
+    est = make(NAMES[0]).fit(gradients())
+    with pytest.raises(ValueError, match="'device' argument of .*to must be"):
+        est.to(device)
+    assert est.to(torch.device("cpu")) is est
+
+
 # ----------------------------------------------------------------- bad input
 @pytest.mark.parametrize("name", NAMES)
 def test_transform_bad_input(name):
