@@ -502,10 +502,10 @@ class EKFACIFVP(BaseEstimator):
     ``fisher="true"``, ``Λ`` then uses the very samples the covariances
     used). Otherwise pass 2 streams the data again, batch by batch.
 
-    **The seed's reference** (dattri 0.1.0 ``ifvp_at_x_ekfac``) rotates with
-    ``Q_S @ V @ Q_A.T`` on eigenvector columns, the transpose of the basis;
-    here the rotation is ``Q_S^T V Q_A`` and is tested against the dense
-    definition.
+    **dattri 0.1.0** (``ifvp_at_x_ekfac``) rotates with ``Q_S @ V @ Q_A.T``
+    on eigenvector columns, the transpose of the basis, and forms each
+    example's gradient with its own backward pass; here the rotation is
+    ``Q_S^T V Q_A``, tested against the dense definition.
 
     References
     ----------
