@@ -228,3 +228,46 @@ def test_many_test_vectors_are_preconditioned_in_blocks():
         ),
         rtol=1e-10,
     )
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_blocked_scores_equal_one_shot_in_the_same_container(dtype):
+    G, T = data(n=53, m=9, p=6)
+    budget = ak.ComputeConfig(dtype=dtype, progress=False, memory_budget=100)  # 1-2 rows a block
+    one = ak.ComputeConfig(dtype=dtype, progress=False)
+    tiny = ak.ExplicitIFVP(damping=0.1, config=budget).fit(G)
+    roomy = ak.ExplicitIFVP(damping=0.1, config=one).fit(G)
+    rtol = 1e-12 if dtype == "float64" else 1e-5
+    for kind, (g, t) in {"numpy": (G.numpy(), T.numpy()), "torch": (G, T)}.items():
+        blocked, one_shot = ak.influence(tiny, g, t), ak.influence(roomy, g, t)
+        if kind == "numpy":
+            assert isinstance(blocked, np.ndarray) and blocked.dtype == np.dtype(dtype)
+            assert blocked.flags.c_contiguous and blocked.flags.writeable
+        else:
+            assert isinstance(blocked, torch.Tensor) and blocked.dtype == getattr(torch, dtype)
+            assert blocked.is_contiguous()
+        assert blocked.shape == (9, 53)
+        assert_close(blocked, one_shot, rtol=rtol)
+        train = g.T if kind == "numpy" else g.T.to(blocked.dtype)
+        assert_close(blocked, roomy.transform(t) @ train, rtol=rtol)
+
+
+def test_blocks_fit_the_budget_and_the_result_is_not_charged(monkeypatch):
+    """Scores go straight into the result (output); a top-k block's scores are charged."""
+    import attribkit._scores as scores_module
+
+    G, T = data(n=200, m=7, p=6)
+    row = 2 * 6 * 8  # raw copy + flat tensor of one float64 row
+    budget = 40 * row
+    cfg = ak.ComputeConfig(dtype="float64", progress=False, memory_budget=budget)
+    ifvp = ak.ExplicitIFVP(damping=0.1, config=cfg).fit(G)
+    sizes = []
+    real_rows = scores_module._rows
+    monkeypatch.setattr(
+        scores_module, "_rows", lambda x, a, b: sizes.append(b - a) or real_rows(x, a, b)
+    )
+    ak.influence(ifvp, G, T)
+    assert max(sizes) * row <= budget and max(sizes) == 40 and sum(sizes) == 200
+    sizes.clear()
+    ak.influence(ifvp, G, T, top_k=3)
+    assert max(sizes) * (row + 7 * 8) + 4 * 7 * 3 * 16 <= budget and sum(sizes) == 200
