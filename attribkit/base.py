@@ -22,6 +22,7 @@ from collections.abc import Mapping
 import numpy as np
 import sklearn.base
 import torch
+import torch.distributed as dist
 from sklearn.utils.validation import (
     _check_feature_names,
     _check_feature_names_in,
@@ -29,6 +30,7 @@ from sklearn.utils.validation import (
 )
 
 from . import _validation as V
+from ._distributed import reducer
 from ._vectors import (
     ARRAY_KEY,
     all_finite,
@@ -132,6 +134,10 @@ class BaseEstimator(sklearn.base.TransformerMixin, sklearn.base.BaseEstimator):
         """
         config = V.check_config(self, self.config)
         self._check_params()
+        if config.distributed is True and not (dist.is_available() and dist.is_initialized()):
+            # distributed=True requires a process group in every mode (API section 1),
+            # even where the fit itself stays local (array mode, the projectors).
+            reducer(config, f"{type(self).__name__}.fit")  # raises RuntimeError
         fitted = self._blank()
         fitted._config = config
         fitted._device = config.torch_device

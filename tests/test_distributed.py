@@ -634,6 +634,24 @@ def test_distributed_true_needs_a_process_group():
     assert est_local.fit(G).n_samples_ == 5
 
 
+@pytest.mark.parametrize(
+    "make_fit",
+    [
+        lambda c: ak.ExplicitIFVP(damping=0.1, config=c).fit(torch.randn(5, 3)),
+        lambda c: ak.DataInfIFVP(config=c).fit(torch.randn(5, 3)),
+        lambda c: ak.RandomProjector(proj_dim=2, config=c).fit(mlp(d=4, hidden=5, out=3)),
+        lambda c: ak.KroneckerProjector(config=c).fit(mlp(d=4, hidden=5, out=3)),
+    ],
+    ids=["explicit-array", "datainf-array", "random-model", "kronecker-model"],
+)
+def test_distributed_true_needs_a_process_group_even_for_local_fits(make_fit):
+    # API section 1: True requires an initialised process group (clear error
+    # otherwise), also where the fit itself is local and communicates nothing.
+    with pytest.raises(RuntimeError, match="distributed=True.*needs an initialised"):
+        make_fit(ak.ComputeConfig(distributed=True))
+    make_fit(ak.ComputeConfig(distributed="auto"))
+
+
 def test_single_process_empty_data_error_is_unchanged():
     X, y = _problem()
     with pytest.raises(ValueError, match="The 'data' argument is empty: it yielded no example"):
