@@ -184,17 +184,23 @@ def _call(model, state, inputs):
 
 
 class _EvalMode:
-    """Evaluate in eval mode (no dropout, running batch-norm stats), then restore."""
+    """Evaluate in eval mode (no dropout, running batch-norm stats), then restore.
+
+    Each submodule gets its own ``training`` flag back, so a model whose
+    parts were in different modes (a frozen, eval-mode backbone under a
+    training head) is left exactly as it was.
+    """
 
     def __init__(self, model):
         self.model = model
 
     def __enter__(self):
-        self.was_training = self.model.training
+        self.modes = [(m, m.training) for m in self.model.modules()]
         self.model.eval()
 
     def __exit__(self, *exc):
-        self.model.train(self.was_training)
+        for module, training in self.modes:
+            module.training = training
 
 
 def model_dtype(model: torch.nn.Module) -> torch.dtype | None:

@@ -80,6 +80,29 @@ def test_model_mode_is_restored():
     assert model.training
 
 
+@pytest.mark.parametrize(
+    "use",
+    [
+        lambda m, d: ak.per_example_gradients(m, d),
+        lambda m, d: ak.ExplicitIFVP(damping=0.1).fit(m, d),
+        lambda m, d: ak.EKFACIFVP().fit(m, d),
+        lambda m, d: ak.ArnoldiProjector(proj_dim=2, max_iter=3, damping=1.0).fit(m, d),
+        lambda m, d: ak.per_example_gradients(m, d, projector=ak.KroneckerProjector().fit(m)),
+    ],
+    ids=["per_example_gradients", "explicit", "ekfac", "arnoldi", "kronecker"],
+)
+def test_mixed_train_eval_modes_are_restored_per_module(use):
+    # A training model with one part in eval mode (e.g. a frozen backbone)
+    # gets every submodule's own mode back, not the root's.
+    model = mlp()
+    model.train()
+    frozen = next(m for m in model.modules() if m is not model)
+    frozen.eval()
+    before = [m.training for m in model.modules()]
+    use(model, classification_data())
+    assert [m.training for m in model.modules()] == before
+
+
 def test_errors():
     model, (X, y) = mlp(), classification_data()
     with pytest.raises(ValueError, match="'data' argument is required"):
