@@ -300,6 +300,7 @@ def influence(ifvp, train_vectors, test_vectors, top_k: int | None = None):
                 top = _select(candidates, top, k, start, largest=True)
                 bottom = _select(candidates, bottom, k, start, largest=False)
                 kept = k
+            del flat  # before the next block is read: one block's copies at a time
             bar.update(1)
     if top_k is None:
         return _out(scores, kind)
