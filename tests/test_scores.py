@@ -271,3 +271,24 @@ def test_blocks_fit_the_budget_and_the_result_is_not_charged(monkeypatch):
     sizes.clear()
     ak.influence(ifvp, G, T, top_k=3)
     assert max(sizes) * (row + 7 * 8) + 4 * 7 * 3 * 16 <= budget and sum(sizes) == 200
+
+
+def test_one_block_of_copies_at_a_time(tmp_path):
+    """The numpy copies alive at once are one block's, as the budget counts them."""
+    n, p = 3000, 50
+    mm = np.lib.format.open_memmap(tmp_path / "g.npy", mode="w+", dtype=np.float64, shape=(n, p))
+    mm[:] = np.random.default_rng(1).normal(size=(n, p))
+    mm.flush()
+    train = np.load(tmp_path / "g.npy", mmap_mode="r")
+    budget = 64 * 2**10  # a block's raw copy (numpy) is half of it, its flat tensor the rest
+    cfg = ak.ComputeConfig(dtype="float64", progress=False, memory_budget=budget)
+    ifvp = ak.ExplicitIFVP(damping=0.1, config=cfg).fit(train[:200])
+    T = np.asarray(train[:3])
+    for top_k in (None, 4):
+        tracemalloc.start()
+        try:
+            ak.influence(ifvp, train, T, top_k=top_k)
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert peak < budget, (top_k, peak)  # two blocks alive: 82 kB and 69 kB
