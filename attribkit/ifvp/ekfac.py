@@ -682,12 +682,19 @@ class EKFACIFVP(BaseEstimator):
                 value = 0.1 * float(lam.mean())
             else:
                 value = float(self.damping)
-            if value == 0.0 and bool((lam <= 0).any()):
+            # Λ is a mean of squared rotated gradients: an entry that is zero in
+            # exact arithmetic comes out at about (eps * d)^2 * max(Λ), d the
+            # layer's larger side, eps that of the precision the products ran in.
+            d = max(stats.dims[len(damping)])
+            floor = (torch.finfo(stats.dtype).eps * d) ** 2 * float(lam.max())
+            if value == 0.0 and bool((lam <= floor).any()):
                 raise ValueError(
                     f"EKFACIFVP cannot invert layer {name!r}: its eigenvalue correction Λ has "
-                    f"zero entries and the damping is 0 (damping={self.damping!r}; 'auto' is "
-                    "0.1 x mean(Λ), which is 0 when the layer's gradients are all zero). Pass "
-                    "a float damping > 0, or leave the layer out (layers=[...])."
+                    f"zero entries (at or below the rounding level {floor:.3g}; smallest "
+                    f"{float(lam.min()):.3g}, largest {float(lam.max()):.3g}) and the damping "
+                    f"is 0 (damping={self.damping!r}; 'auto' is 0.1 x mean(Λ), which is 0 when "
+                    "the layer's gradients are all zero). Pass a float damping > 0, or leave "
+                    "the layer out (layers=[...])."
                 )
             damping.append(value)
         self.damping_ = damping

@@ -334,7 +334,11 @@ def test_damping_auto_and_inverse():
     assert est.damping_ == pytest.approx(expected, rel=1e-12)
     V = torch.randn(3, 39, dtype=D64)
     assert_close(est.inverse_transform(est.transform(V)), V, rtol=1e-9)
-    assert_close(ak.EKFACIFVP(damping=0.0, config=F64).fit(model, (X, y)).damping_, [0.0, 0.0])
+    # Cross-entropy output gradients sum to zero, so the last layer's Λ is singular
+    # with damping 0; MSE's is not.
+    Y = torch.randn(len(X), 3, dtype=D64)
+    undamped = ak.EKFACIFVP(damping=0.0, loss="mse", config=F64).fit(model, (X, Y))
+    assert_close(undamped.damping_, [0.0, 0.0])
 
 
 def test_true_fisher_is_seeded_and_differs_from_empirical():
@@ -606,3 +610,15 @@ def test_bad_data_and_half_precision_state():
     assert out.dtype == torch.bfloat16
     ref = ak.EKFACIFVP(config=F64).fit(model, (X, y)).transform(V)
     assert_close(out, ref, rtol=3e-2)
+
+
+def test_zero_damping_with_rounding_level_lambda_is_refused():
+    # The output-gradient covariance of a 2-class softmax layer is singular in
+    # exact arithmetic: Λ has entries at rounding level, whose inverse is noise.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2)).double()
+    X, y = torch.randn(5, 4, dtype=torch.float64), torch.randint(0, 2, (5,))
+    with pytest.raises(ValueError, match="layer '2'.*rounding level"):
+        ak.EKFACIFVP(damping=0.0, config=F64).fit(model, (X, y))
+    est = ak.EKFACIFVP(damping=1e-3, config=F64).fit(model, (X, y))
+    assert torch.isfinite(est.transform(torch.randn(2, 23, dtype=torch.float64))).all()
