@@ -725,11 +725,7 @@ def per_example_gradients(
         if flatten:
             return torch.cat([g.reshape(g.shape[0], -1) for g in result.values()], dim=1)
         return result
-    if not flatten:
-        raise ValueError(
-            "The 'flatten' argument of per_example_gradients must be True when 'projector' or "
-            "'out' is given (the result is one (n, k) array). Got False."
-        )
+    _require_flat(flatten)
     if projector is None:
         p = sum(q.numel() for q in select_params(model, params, "per_example_gradients").values())
         rows = _Rows(out, _known_length(data), p, config)
@@ -763,6 +759,14 @@ def per_example_gradients(
     return rows.result()
 
 
+def _require_flat(flatten: bool) -> None:
+    if not flatten:
+        raise ValueError(
+            "The 'flatten' argument of per_example_gradients must be True when 'projector' or "
+            "'out' is given (the result is one (n, k) array). Got False."
+        )
+
+
 def _no_rows(model, data, params, config, flatten, projector, out):
     """The result for a rank whose shard is empty (``per_example_gradients``)."""
     device, dtype = config.torch_device, config.torch_dtype
@@ -774,11 +778,7 @@ def _no_rows(model, data, params, config, flatten, projector, out):
         if flatten:
             return torch.cat([g.reshape(0, math.prod(g.shape[1:])) for g in result.values()], 1)
         return result
-    if not flatten:
-        raise ValueError(
-            "The 'flatten' argument of per_example_gradients must be True when 'projector' or "
-            "'out' is given (the result is one (n, k) array). Got False."
-        )
+    _require_flat(flatten)
     if projector is None:
         k = sum(q.numel() for q in select_params(model, params, "per_example_gradients").values())
     elif hasattr(projector, "_iter_projected"):
