@@ -66,7 +66,7 @@ def rows(repeats: int = 3, quick: bool = False) -> list[dict]:
         out += [
             dict(case=case, method="per-call torch.linalg.solve on prebuilt F + dI",
                  fit_s=build_s, transform_s=solve_s, speedup=1.0, peak_mb=solve_mb),
-            dict(case=case, method="seed reference per call: build F + dI, solve",
+            dict(case=case, method="dattri 0.1.0 style per call: build F + dI, solve",
                  transform_s=seed_s, speedup=solve_s / seed_s, peak_mb=seed_mb),
             dict(case=case, method=f"ExplicitIFVP (solver_={est.solver_!r})", fit_s=fit_s,
                  transform_s=ours_s, speedup=solve_s / ours_s, peak_mb=max(fit_mb, ours_mb)),
