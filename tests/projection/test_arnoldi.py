@@ -155,6 +155,66 @@ def test_rev_fwd_equals_rev_rev(problem):
     assert_close(c.eigenvectors_, b.eigenvectors_, rtol=1e-10)
 
 
+def _hvp(model, data, mode="rev-fwd"):
+    from attribkit._gradients import MeanLossHVP
+
+    return MeanLossHVP(model, data, mode=mode, config=F64)
+
+
+def test_rev_fwd_one_batch_linearised_equals_streamed(problem, monkeypatch):
+    import attribkit._gradients as grads
+
+    # Linearise as soon as possible (the default waits until plain passes cost as much).
+    monkeypatch.setattr(grads, "_LINEARISE_AFTER_S", 0.0)
+    model, X, y, H = problem
+    one = _hvp(model, (X, y))  # one batch of 12
+    loader = DataLoader(TensorDataset(X, y), batch_size=5)  # 5 + 5 + 2
+    streamed = _hvp(model, loader)
+    plain = _hvp(model, (X, y), mode="rev-rev")
+    vs = torch.randn(4, P, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    first = one(vs[0])
+    assert one._kept is not None  # linearised after the first pass
+    calls = []
+    monkeypatch.setattr(one, "_batch_hvp", lambda *a: calls.append(a))  # no plain pass any more
+    for v in vs:
+        out = one(v)
+        assert_close(out, streamed(v), rtol=1e-10)
+        assert_close(out, H @ v, rtol=1e-10)
+        assert_close(out, plain(v), rtol=1e-10)
+    assert calls == [] and streamed._kept is None  # streamed data keeps no batch's graph
+    assert torch.equal(first, one(vs[0]))  # linearised == plain jvp, bit for bit
+    monkeypatch.undo()
+    # The whole fit: one linearised batch equals the streamed fit.
+    monkeypatch.setattr(grads, "_LINEARISE_AFTER_S", 0.0)
+    a = fit_quiet(ak.ArnoldiProjector(proj_dim=10, config=F64), model, (X, y))
+    b = fit_quiet(ak.ArnoldiProjector(proj_dim=10, config=F64), model, loader)
+    assert a.n_iter_ == b.n_iter_
+    assert_close(a.eigenvalues_, b.eigenvalues_, rtol=1e-10)
+    assert_close(a.eigenvectors_, b.eigenvectors_, rtol=1e-10)
+
+
+def test_rev_fwd_linearises_only_when_it_pays(problem, monkeypatch):
+    import attribkit._gradients as grads
+
+    model, X, y, H = problem
+    v = torch.linspace(-1, 1, P, dtype=torch.float64)
+    hvp = _hvp(model, (X, y))
+    for _ in range(3):  # tiny passes (~ms): far below the cost of tracing
+        hvp(v)
+    assert hvp._kept is None
+    # A trace that fails leaves every pass a plain jvp, with the same values.
+    monkeypatch.setattr(grads, "_LINEARISE_AFTER_S", 0.0)
+
+    def failing(*args, **kwargs):
+        raise RuntimeError("untraceable")
+
+    monkeypatch.setattr(torch.func, "linearize", failing)
+    hvp = _hvp(model, (X, y))
+    for _ in range(3):
+        assert_close(hvp(v), H @ v, rtol=1e-10)
+    assert hvp._kept is None and not hvp._linearisable
+
+
 def test_batch_size_invariance_with_ragged_loader(problem):
     model, X, y, H = problem
     ref = fit_quiet(ak.ArnoldiProjector(proj_dim=10, config=F64), model, (X, y))  # one batch of 64
