@@ -284,7 +284,15 @@ def iter_gradients(
                     targets = sample_targets(outputs, loss)
             if fisher == "expected":
                 yield _expected_gradients(
-                    per_example, sel, names, inputs, outputs, loss, batch, offset, owner,
+                    per_example,
+                    sel,
+                    names,
+                    inputs,
+                    outputs,
+                    loss,
+                    batch,
+                    offset,
+                    owner,
                     lambda x, t: loss_fn(_call(model, {**frozen, **sel}, x), t),
                 )
                 batch += 1
@@ -293,7 +301,12 @@ def iter_gradients(
             grads = per_example(sel, inputs, targets)
             out = OrderedDict((n, grads[n].detach()) for n in names)
             _check_finite_gradients(
-                out, inputs, targets, batch, offset, owner,
+                out,
+                inputs,
+                targets,
+                batch,
+                offset,
+                owner,
                 lambda x, t: loss_fn(_call(model, {**frozen, **sel}, x), t),
             )
             yield out
@@ -301,8 +314,9 @@ def iter_gradients(
             offset += batch_len(inputs)
 
 
-def _expected_gradients(per_example, sel, names, inputs, outputs, loss, batch, offset, owner,
-                        loss_of) -> OrderedDict:
+def _expected_gradients(
+    per_example, sel, names, inputs, outputs, loss, batch, offset, owner, loss_of
+) -> OrderedDict:
     """``name -> (K, b, *shape)`` pseudo-gradients ``sqrt(w_k) g_k`` of one batch."""
     all_targets, weights = expected_targets(outputs, loss)
     rows: dict[str, list] = {n: [] for n in names}

@@ -1,4 +1,4 @@
-"""Run dattri 0.1.0's own tests of the functions attribkit.functional mirrors against attribkit.functional.
+"""Run dattri 0.1.0's own tests of its functional API against attribkit.functional.
 
 ``make peer-test`` installs ``dattri==0.1.0`` (``pip install --no-deps``: its
 tests need only torch and numpy besides dattri itself) and runs this script.
