@@ -38,6 +38,7 @@ import argparse
 import gc
 import os
 import statistics
+import sys
 import tempfile
 import time
 import tracemalloc
@@ -48,6 +49,9 @@ from _util import measure, print_table, set_threads
 from torch import nn
 
 import attribkit as ak
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+from cases import digits_model_and_gradients  # the test's JL setup
 
 
 class TokenStack(nn.Module):
@@ -196,32 +200,6 @@ def influence_rows(store, k, args):
 
 
 # ----------------------------------------------------------------------------- JL quality
-def digits_model_and_gradients():
-    """The setup of tests/projection/test_kronecker.py (and the docstring's figures)."""
-    from sklearn.datasets import load_digits
-
-    X, y = load_digits(return_X_y=True)
-    X, y = torch.tensor(X / 16.0, dtype=torch.float32), torch.tensor(y)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        torch.manual_seed(0)
-        model = nn.Sequential(
-            nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 10)
-        )
-        opt = torch.optim.Adam(model.parameters(), 1e-2)
-        for _ in range(60):
-            opt.zero_grad()
-            nn.functional.cross_entropy(model(X[:1000]), y[:1000]).backward()
-            opt.step()
-    finally:
-        torch.set_num_threads(threads)
-    model = model.double()
-    idx = torch.arange(0, 1797, 9)[:200]
-    cfg = ak.ComputeConfig(dtype="float64", batch_size=100)
-    return model, ak.per_example_gradients(model, (X[idx], y[idx]), config=cfg)
-
-
 def distortion(G, P):
     norm = (P.pow(2).sum(1) / G.pow(2).sum(1) - 1).abs()
     n = G.norm(dim=1)

@@ -8,7 +8,7 @@ from collections import OrderedDict
 import numpy as np
 import pytest
 import torch
-from cases import classification_data, mlp
+from cases import classification_data, digits_model_and_gradients, mlp
 from reference import assert_close
 from torch import nn
 
@@ -340,36 +340,6 @@ def test_float32_default_and_bfloat16():
 
 
 # ----------------------------------------------------------------------------- JL quality
-def digits_model_and_gradients():
-    """An MLP 64-64-64-10 trained briefly on sklearn's digits, and 200 per-example gradients.
-
-    The setup whose JL distortion the KroneckerProjector docstring reports
-    (``benchmarks/bench_scale.py`` measures it over 20 seeds with this code).
-    """
-    from sklearn.datasets import load_digits
-
-    X, y = load_digits(return_X_y=True)
-    X, y = torch.tensor(X / 16.0, dtype=torch.float32), torch.tensor(y)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matmuls: one thread is faster on a busy machine
-    try:
-        torch.manual_seed(0)
-        model = nn.Sequential(
-            nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 10)
-        )
-        opt = torch.optim.Adam(model.parameters(), 1e-2)
-        for _ in range(60):
-            opt.zero_grad()
-            nn.functional.cross_entropy(model(X[:1000]), y[:1000]).backward()
-            opt.step()
-    finally:
-        torch.set_num_threads(threads)
-    model = model.double()
-    idx = torch.arange(0, 1797, 9)[:200]
-    cfg = ak.ComputeConfig(dtype="float64", batch_size=100)
-    return model, ak.per_example_gradients(model, (X[idx], y[idx]), config=cfg)
-
-
 @pytest.fixture(scope="module")
 def digits_gradients():
     return digits_model_and_gradients()
