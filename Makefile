@@ -33,9 +33,11 @@ demo: install  ## set up and run examples/quickstart.py (digits: scores, LOO/LDS
 	$(PIP) install -e ".[examples]"
 	OMP_WAIT_POLICY=$(OMP_WAIT_POLICY) $(PYTHON) examples/quickstart.py
 
+# .ci/pytest_guarded.py runs pytest in a child process: a test that crashes the
+# interpreter (segfault, abort) fails the run and is named, instead of passing unnoticed.
 test: install  ## set up and run the test suite
 	$(PIP) install -e ".[test]"
-	OMP_WAIT_POLICY=$(OMP_WAIT_POLICY) $(PYTHON) -m pytest -q
+	OMP_WAIT_POLICY=$(OMP_WAIT_POLICY) $(PYTHON) .ci/pytest_guarded.py -q
 
 lint:  ## ruff check + format check
 	$(PIP) install ruff

@@ -8,7 +8,6 @@ with the selected parameters swapped in, ``grad`` of the per-example loss and
 from __future__ import annotations
 
 import math
-import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 
@@ -806,13 +805,6 @@ def _no_rows(model, data, params, config, flatten, projector, out):
 
 # --------------------------------------------------------------------------- HVPs
 HVP_MODES = ("rev-fwd", "rev-rev")
-#: rev-fwd on one batch: seconds its plain passes may take before that batch is
-#: linearised (what ``torch.func.linearize`` costs: about 0.15-0.2 s of tracing on
-#: a CPU for a small MLP, whatever the batch size; the ``torch._dynamo`` import that
-#: ``make_fx`` needs is already paid by the first ``torch.func.grad``).
-_LINEARISE_AFTER_S = 0.2
-
-
 class MeanLossHVP:
     """Curvature-vector products ``v -> (H + damping I) v`` of the mean loss over ``data``.
 
@@ -847,21 +839,14 @@ class MeanLossHVP:
         (forward-over-reverse, the cheaper one); ``"rev-rev"``:
         ``torch.func.vjp`` of the gradient (reverse-over-reverse, for
         operators without forward-mode rules). Both give the same values to
-        rounding. With data of a single batch, that batch's linearisation is
-        kept between calls instead of being rebuilt by every pass (about one
-        product's working memory; streamed data never keeps a batch's): with
-        ``"rev-rev"`` the vjp pullback of the first pass; with ``"rev-fwd"``
-        the jvp function of ``torch.func.linearize`` of the gradient, built
-        once the plain passes have taken as long as building it costs (about
-        0.2 s of tracing on a CPU): a short run stays plain, and no run
-        spends much more than twice what the better of the two choices would
-        have (ski rental). A later product is then one linearised jvp (2.5x
-        faster for a 10k-parameter MLP on 1000 examples), bit for bit the
-        plain jvp's values. It keeps the product's tangent-free
-        intermediates, about one plain product's peak working memory (5x
-        the rev-rev pullback for a tanh MLP), and building it peaks at
-        about twice a plain product's. Where the trace fails (an operator
-        ``make_fx`` cannot trace), every pass stays a plain jvp.
+        rounding. With data of a single batch and ``"rev-rev"``, that batch's
+        vjp pullback is kept between calls instead of being rebuilt by every
+        pass (streamed data never keeps a batch's graph). The path depends only
+        on the data and the mode, never on elapsed time or machine load (API
+        section 9): ``"rev-fwd"`` rebuilds its jvp in every pass. (An earlier
+        version switched to ``torch.func.linearize`` once plain passes had taken
+        0.2 s; that made the code path machine-dependent, and the linearised
+        product crashed the process for ``loss="mse"``, so it was removed.)
     damping : float
         ``damping * v`` is added to the product (in float64).
     config : ComputeConfig
@@ -923,12 +908,9 @@ class MeanLossHVP:
         self._reducer = reducer(config, V._owner(owner))
         self._checked = False
         self.n_samples: int | None = None
-        # Data of one batch: that batch's linearisation (rev-rev: the vjp pullback;
-        # rev-fwd: the linearised jvp) and size, kept between calls, as every pass
-        # would rebuild the same one. rev-fwd linearises once its plain passes
-        # have taken as long as linearising costs (_plain_s: their seconds).
+        # Data of one batch with rev-rev: that batch's vjp pullback and size, kept
+        # between calls, as every pass would rebuild the same one.
         self._kept = None
-        self._plain_s, self._linearisable = 0.0, mode == "rev-fwd"
 
     def _batch_gradient(self, inputs, targets) -> Callable:
         """``sel -> gradient of one batch's summed loss`` (a ``torch.func.grad``)."""
@@ -1016,7 +998,6 @@ class MeanLossHVP:
             self._add(total, pullback(tangents)[0])
             total[-2] += size
             return
-        started = time.perf_counter()
         batches = iter_batches(self.data, self._config, device=self.device, dtype=self.dtype)
         seen, pullback = 0, None
         with _EvalMode(self.model):
@@ -1041,40 +1022,8 @@ class MeanLossHVP:
                 self._add(total, hv)
                 total[-2] += batch_len(inputs)
                 seen += 1
-            if seen != 1:
-                self._linearisable = False  # streamed: never two batches' graphs
-            elif self._linearisable:
-                self._plain_s += time.perf_counter() - started
-                if self._plain_s >= _LINEARISE_AFTER_S:
-                    pullback = self._linearise(inputs, targets)
-                    self._linearisable = False  # tried once; None: the trace failed
         if seen == 1 and pullback is not None:
             self._kept = (pullback, float(total[-2]))
-
-    def _linearise(self, inputs, targets) -> Callable | None:
-        """One batch's jvp function ``tangents -> (H_b tangents,)`` by ``torch.func.linearize``.
-
-        The forward-over-reverse product traced once at the parameters, its
-        tangent-free part constant-folded (the activations and what the
-        gradient's backward pass needs: one batch's linearisation), so a later
-        product only runs the tangent's operations, without re-tracing the
-        gradient. ``None`` where the trace fails (``make_fx`` does not trace
-        every loss or model: data-dependent control flow, ``.item()``, ...);
-        the product is then rebuilt by every pass as before.
-        """
-        import warnings
-
-        from torch.func import linearize
-
-        gradient = self._batch_gradient(inputs, targets)
-        try:
-            with warnings.catch_warnings():
-                # torch.fx's constant folding warns about its own get_attr nodes.
-                warnings.filterwarnings("ignore", "Attempted to insert a get_attr Node")
-                _, jvp_fn = linearize(gradient, self._sel)
-        except Exception:
-            return None
-        return lambda tangents: (jvp_fn(tangents),)
 
     def _add(self, total: torch.Tensor, hv: dict) -> None:
         """``total[:p] += flat(hv)`` in float64."""

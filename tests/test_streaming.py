@@ -131,7 +131,7 @@ def test_read_only_memmap_refused(tmp_path):
 def test_length_known_for_dataloaders():
     model, calls = counted(mlp())
     X, y = data()
-    rp = ak.RandomProjector(6).fit(model)
+    rp = ak.RandomProjector(6, config=F64).fit(model)  # float64: the 1e-10 below is float64's
     loader = DataLoader(TensorDataset(X, y), batch_size=5, drop_last=True)  # yields 10
     with pytest.raises(ValueError, match=r"shape \(10, 6\)"):
         ak.per_example_gradients(model, loader, projector=rp, config=F64, out=np.zeros((N, 6)))
@@ -143,7 +143,7 @@ def test_length_known_for_dataloaders():
 def test_unknown_length_overflow_and_underflow():
     model = mlp()
     X, y = data()
-    rp = ak.RandomProjector(6).fit(model)
+    rp = ak.RandomProjector(6, config=F64).fit(model)
     batches = ((X[i : i + 4], y[i : i + 4]) for i in range(0, N, 4))  # 4, 4, 4, 1
     out = np.zeros((10, 6))
     with pytest.raises(ValueError, match="has 10 rows but 'data' yields more examples"):

@@ -422,13 +422,10 @@ class ArnoldiProjector(BaseEstimator):
         Model mode: Hessian-vector products as the forward-mode ``jvp`` of
         the reverse-mode gradient or the ``vjp`` of the gradient (for
         operators without forward-mode rules). Same values to rounding. When
-        ``data`` is a single batch, that batch's linearisation is kept
-        between iterations (no new forward pass per product): ``"rev-rev"``
-        keeps its first vjp pullback; ``"rev-fwd"`` builds a
-        ``torch.func.linearize`` of the gradient once its plain products have
-        taken as long as that costs (about 0.2 s), so short fits stay plain
-        and long ones reuse the linearised jvp. Streamed data (several
-        batches) rebuilds each batch's product every iteration.
+        ``data`` is a single batch, ``"rev-rev"`` keeps that batch's vjp
+        pullback between iterations (no new forward pass per product);
+        ``"rev-fwd"`` and streamed data (several batches) rebuild each
+        batch's product every iteration. The path never depends on timing.
     seed : int, default=0
         Seed of the start vector: standard normal, drawn in float64 on the
         CPU and moved, so the same on every device and process.

@@ -161,11 +161,7 @@ def _hvp(model, data, mode="rev-fwd"):
     return MeanLossHVP(model, data, mode=mode, config=F64)
 
 
-def test_rev_fwd_one_batch_linearised_equals_streamed(problem, monkeypatch):
-    import attribkit._gradients as grads
-
-    # Linearise as soon as possible (the default waits until plain passes cost as much).
-    monkeypatch.setattr(grads, "_LINEARISE_AFTER_S", 0.0)
+def test_rev_fwd_one_batch_equals_streamed(problem):
     model, X, y, H = problem
     one = _hvp(model, (X, y))  # one batch of 12
     loader = DataLoader(TensorDataset(X, y), batch_size=5)  # 5 + 5 + 2
@@ -173,46 +169,84 @@ def test_rev_fwd_one_batch_linearised_equals_streamed(problem, monkeypatch):
     plain = _hvp(model, (X, y), mode="rev-rev")
     vs = torch.randn(4, P, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     first = one(vs[0])
-    assert one._kept is not None  # linearised after the first pass
-    calls = []
-    monkeypatch.setattr(one, "_batch_hvp", lambda *a: calls.append(a))  # no plain pass any more
     for v in vs:
         out = one(v)
         assert_close(out, streamed(v), rtol=1e-10)
         assert_close(out, H @ v, rtol=1e-10)
         assert_close(out, plain(v), rtol=1e-10)
-    assert calls == [] and streamed._kept is None  # streamed data keeps no batch's graph
-    assert torch.equal(first, one(vs[0]))  # linearised == plain jvp, bit for bit
-    monkeypatch.undo()
-    # The whole fit: one linearised batch equals the streamed fit.
-    monkeypatch.setattr(grads, "_LINEARISE_AFTER_S", 0.0)
-    a = fit_quiet(ak.ArnoldiProjector(proj_dim=10, config=F64), model, (X, y))
-    b = fit_quiet(ak.ArnoldiProjector(proj_dim=10, config=F64), model, loader)
-    assert a.n_iter_ == b.n_iter_
-    assert_close(a.eigenvalues_, b.eigenvalues_, rtol=1e-10)
-    assert_close(a.eigenvectors_, b.eigenvectors_, rtol=1e-10)
+    assert streamed._kept is None and one._kept is None  # rev-fwd keeps no graph
+    assert plain._kept is not None  # rev-rev on one batch keeps its pullback
+    assert torch.equal(first, one(vs[0]))  # the same path every pass: bit for bit
 
 
-def test_rev_fwd_linearises_only_when_it_pays(problem, monkeypatch):
-    import attribkit._gradients as grads
+def test_code_path_never_depends_on_the_clock(problem, monkeypatch):
+    """API section 9: a slow (or busy) machine takes the very path a fast one takes.
+
+    Before, rev-fwd on one batch switched to ``torch.func.linearize`` once its
+    plain passes had taken 0.2 s (which segfaulted for loss="mse").
+    """
+    import time
 
     model, X, y, H = problem
+    clock = [0.0]
+
+    def slow_clock():  # every reading 1000 s after the last: the slowest machine
+        clock[0] += 1000.0
+        return clock[0]
+
+    traced = []
+    monkeypatch.setattr(time, "perf_counter", slow_clock)
+    monkeypatch.setattr(time, "monotonic", slow_clock)
+    monkeypatch.setattr(time, "time", slow_clock)
+    monkeypatch.setattr(torch.func, "linearize", lambda *a, **k: traced.append(a))
+    hvp = _hvp(model, (X, y))
     v = torch.linspace(-1, 1, P, dtype=torch.float64)
-    hvp = _hvp(model, (X, y))
-    for _ in range(3):  # tiny passes (~ms): far below the cost of tracing
-        hvp(v)
-    assert hvp._kept is None
-    # A trace that fails leaves every pass a plain jvp, with the same values.
-    monkeypatch.setattr(grads, "_LINEARISE_AFTER_S", 0.0)
+    results = [hvp(v) for _ in range(4)]
+    assert traced == []
+    for r in results:
+        assert torch.equal(r, results[0])
+        assert_close(r, H @ v, rtol=1e-10)
+    est = fit_quiet(ak.ArnoldiProjector(proj_dim=10, config=F64), model, (X, y))
+    assert traced == []
+    assert_close(est.eigenvalues_, top_by_magnitude(H, 10)[0], rtol=1e-10)
 
-    def failing(*args, **kwargs):
-        raise RuntimeError("untraceable")
 
-    monkeypatch.setattr(torch.func, "linearize", failing)
-    hvp = _hvp(model, (X, y))
-    for _ in range(3):
-        assert_close(hvp(v), H @ v, rtol=1e-10)
-    assert hvp._kept is None and not hvp._linearisable
+_MSE_SUBSET_SCRIPT = """
+import json, torch, attribkit as ak
+torch.manual_seed(0)
+model = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2)).double()
+X, y = torch.randn(12, 5, dtype=torch.float64), torch.randn(12, 2, dtype=torch.float64)
+for mode in ("rev-fwd", "rev-rev"):
+    est = ak.ArnoldiProjector(proj_dim=5, loss="mse", params=["0.weight", "0.bias"], mode=mode,
+                              config=ak.ComputeConfig(dtype="float64"))
+    est.fit(model, (X, y))
+    print(json.dumps([mode, est.eigenvalues_.tolist()]))
+"""
+
+
+def test_mse_params_subset_in_a_subprocess():
+    """The fit that segfaulted under the timing-based linearisation, isolated in a
+    subprocess so that a crash fails this test instead of killing the suite."""
+    import json
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-X", "faulthandler", "-c", _MSE_SUBSET_SCRIPT],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, f"exit status {proc.returncode}\n{proc.stderr[-3000:]}"
+    results = dict(json.loads(line) for line in proc.stdout.strip().splitlines())
+    torch.manual_seed(0)  # the script's model and data, rebuilt here
+    model = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+    model = model.double()
+    X, y = torch.randn(12, 5, dtype=torch.float64), torch.randn(12, 2, dtype=torch.float64)
+    H = dense_hessian(model, X, y, loss="mse", params=["0.weight", "0.bias"])
+    expected = top_by_magnitude(H, 5)[0]
+    for mode in ("rev-fwd", "rev-rev"):
+        assert_close(torch.tensor(results[mode], dtype=torch.float64), expected, rtol=1e-10)
 
 
 def test_batch_size_invariance_with_ragged_loader(problem):
