@@ -65,6 +65,14 @@ nitpick_ignore_regex = [
     (r".*", r"(python|numpy):.*"),
 ]
 
+# Guides link to names of API sections 8 and 9 (IterativeIFVP, save, load) that other
+# work is adding: plain text while a name is missing, a checked link once it exists.
+nitpick_ignore = [
+    (role, f"attribkit.{name}")
+    for role, name in (("py:class", "IterativeIFVP"), ("py:func", "save"), ("py:func", "load"))
+    if not hasattr(attribkit, name)
+]
+
 # ------------------------------------------------------------------ autodoc / autosummary
 autosummary_generate = True
 autosummary_imported_members = True
@@ -175,11 +183,17 @@ def _docstring_location(obj, name: str) -> str | None:
         return None
 
 
+_warned_examples: set[str] = set()
+
+
 def _check_examples(app, what, name, obj, options, lines):
-    """Warn when a public class or function has no Examples section."""
-    if what in ("class", "exception", "function") and not any(
-        line.strip() == "Examples" for line in lines
+    """Warn (once per name) when a public class or function has no Examples section."""
+    if (
+        what in ("class", "exception", "function")
+        and name not in _warned_examples
+        and not any(line.strip() == "Examples" for line in lines)
     ):
+        _warned_examples.add(name)
         logger.warning(
             "[numpydoc] Validation warnings while processing docstring for %r:\n"
             "  EX01: No examples section found (required of public classes and functions)",
