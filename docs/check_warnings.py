@@ -53,7 +53,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("warnings", type=Path, help="the file of sphinx-build -w")
     parser.add_argument("--write", action="store_true", help=f"rewrite {KNOWN.name}")
     args = parser.parse_args(argv)
-    found = [r.replace(str(ROOT) + "/", "") for r in records(args.warnings.read_text())]
+    # numpydoc reports some docstrings once per page that renders them: keep one of each.
+    found = list(
+        dict.fromkeys(r.replace(str(ROOT) + "/", "") for r in records(args.warnings.read_text()))
+    )
     docstrings = [r for r in found if from_docstring(r)]
     others = [r for r in found if not from_docstring(r)]
     if args.write:
