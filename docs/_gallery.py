@@ -67,7 +67,8 @@ class FigureFileScraper:
             path = block_vars["image_path_iterator"].next()
             shutil.move(str(png), path)
             images.append(path)
-        return figure_rst(images, gallery_conf["src_dir"])
+        # One full-width figure each (a list would become a row of thumbnails).
+        return "".join(figure_rst([image], gallery_conf["src_dir"]) for image in images)
 
 
 figure_file_scraper = FigureFileScraper()

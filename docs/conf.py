@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -28,6 +29,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(HERE))
 
+from numpydoc.xref import DEFAULT_LINKS  # noqa: E402
 from sphinx.util import logging  # noqa: E402
 
 import attribkit  # noqa: E402
@@ -59,7 +61,11 @@ nitpicky = True
 # Names that belong to other projects: plain text unless intersphinx can link them.
 nitpick_ignore_regex = [
     (r"py:.*", r"(torch|numpy|np|scipy|sklearn|joblib|tqdm|transformers|peft|safetensors)(\..*)?"),
-    (r"py:.*", r"(int|float|str|bool|bytes|dict|list|tuple|set|callable|object|None|type)"),
+    (
+        r"py:.*",
+        r"(int|float|str|bool|bytes|dict|list|tuple|set|callable|object|None|True|False|type"
+        r"|iterable|sequence|generator|scalar|array_like|contextlib\..*)",
+    ),
     (r"py:.*", r"(os\.PathLike|pathlib\..*|collections\..*|typing\..*|Mapping|Sequence|Iterable)"),
     # numpydoc links int, str, True, array_like, ... to Python's and numpy's docs
     (r".*", r"(python|numpy):.*"),
@@ -137,6 +143,13 @@ if os.environ.get("ATTRIBKIT_DOCS_INTERSPHINX", "0") == "1":
     numpydoc_xref_aliases["array-like"] = ":term:`array-like <sklearn:array-like>`"
 else:
     intersphinx_mapping = {}
+    # numpydoc links int, bool, array_like, ... to Python's and numpy's inventories
+    # ("python:int"), which would show as that text here: name them plainly instead.
+    numpydoc_xref_aliases["array-like"] = "array-like"  # not a name: stays text
+    for _word, _link in DEFAULT_LINKS.items():
+        _m = re.search(r"`(?:([^<`]+?) <)?(?:python:|numpy:)?([^<>`]+)>?`", _link)
+        if _m and ("python:" in _link or "numpy:" in _link):
+            numpydoc_xref_aliases.setdefault(_word, (_m.group(1) or _m.group(2)).strip())
 
 # ------------------------------------------------------------------ gallery
 _run_examples = os.environ.get("ATTRIBKIT_DOCS_GALLERY", "1") != "0"
