@@ -94,7 +94,6 @@ def _code_blocks(rst: str) -> list[str]:
     return blocks
 
 
-@pytest.mark.slow
 def test_readme_first_example_runs():
     blocks = _code_blocks(_readme_section("In ten lines"))
     assert len(blocks) == 2
