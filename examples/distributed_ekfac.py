@@ -1,4 +1,5 @@
 """EK-FAC influence scores from a fit spread over processes, equal to one process.
+===============================================================================
 
 Run it the way a data-parallel training job runs::
 

@@ -1,4 +1,5 @@
 """Which training examples made my classifier do this?
+===================================================
 
 A story on a real data set shipped with scikit-learn (the UCI handwritten
 digits, 1,797 8x8 images): train a small torch MLP on digits whose training

@@ -1,4 +1,5 @@
 """Gradients as features: attribkit estimators in a scikit-learn Pipeline.
+=======================================================================
 
 attribkit's estimators are scikit-learn transformers, so per-example gradients
 can be treated like any other feature matrix:

@@ -1,4 +1,5 @@
 """Which training digits made the model say that, and can we trust the answer?
+===========================================================================
 
 The whole attribkit story on a real data set that ships with scikit-learn (the
 UCI handwritten digits: 8x8 images, nothing is downloaded):

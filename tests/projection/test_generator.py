@@ -300,7 +300,7 @@ def test_to_keeps_parameters():
 # ----------------------------------------------------------------------------
 # CUDA: bit-identical matrices
 # ----------------------------------------------------------------------------
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.cuda  # skipped without a GPU (conftest.py); run by `make gpu-check`
 @pytest.mark.parametrize("proj_type", gen.PROJ_TYPES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
 def test_cuda_matrix_bit_identical(proj_type, dtype):
