@@ -27,7 +27,8 @@ from cases import classification_data, linear, mlp
 from reference import assert_close
 
 import attribkit as ak
-from attribkit import _distributed
+from attribkit._compute import data as data_module
+from attribkit._compute import distributed as _distributed
 
 N = 11  # examples in the data set
 BATCH = 3
@@ -677,5 +678,5 @@ def test_inactive_reducer_is_a_no_op():
     X, y = _problem()
     with pytest.raises(ValueError, match="yielded no example"):
         with red.shard_pass("fit"):
-            list(ak._data.iter_batches((X[:0], y[:0]), ak.ComputeConfig()))
+            list(data_module.iter_batches((X[:0], y[:0]), ak.ComputeConfig()))
     assert not _distributed.reducer(ak.ComputeConfig(distributed=False)).active

@@ -9,8 +9,8 @@ import warnings
 import torch
 from sklearn.exceptions import DataDimensionalityWarning
 
-from .. import _validation as V
-from .._gradients import param_shapes, select_params
+from .._compute import validation as V
+from .._compute.model import param_shapes, select_params
 from ..base import BaseEstimator
 from ..config import ComputeConfig
 from ._generator import PROJ_TYPES, Projection
@@ -100,6 +100,9 @@ class RandomProjector(BaseEstimator):
         the dict's keys, or a single ``"features"`` entry for a plain array.
     backend_ : str
         The backend that runs ``transform`` (``"torch"`` or ``"fast_jl"``).
+    proj_dim_ : int
+        The output dimension ``k`` (``proj_dim``), the width of ``transform``'s
+        output, as ArnoldiProjector and KroneckerProjector name theirs.
 
     Notes
     -----
@@ -179,12 +182,16 @@ class RandomProjector(BaseEstimator):
     def _fit_model(self, model, data, config) -> None:
         # Only the layout of the selected parameters matters; data is ignored.
         self._set_layout(param_shapes(select_params(model, self.params, self)))
-        self._warn_dimensionality()
-        self._resolve_backend(config)
+        self._finish_fit(config)
 
     def _fit_array(self, G, config) -> None:
+        self._finish_fit(config)
+
+    def _finish_fit(self, config) -> None:
+        """What a fit sets once the layout is known, in either mode."""
         self._warn_dimensionality()
         self._resolve_backend(config)
+        self.proj_dim_ = int(self.proj_dim)
 
     def _warn_dimensionality(self) -> None:
         if self.proj_dim > self.n_features_in_:
@@ -193,12 +200,8 @@ class RandomProjector(BaseEstimator):
                 f"n_features < proj_dim ({self.n_features_in_} < {self.proj_dim}). The "
                 "dimensionality of the problem will not be reduced.",
                 DataDimensionalityWarning,
-                stacklevel=4,
+                stacklevel=5,  # the caller of fit
             )
-
-    @property
-    def _n_features_out(self) -> int:
-        return int(self.proj_dim)
 
     def _resolve_backend(self, config: ComputeConfig) -> None:
         device = config.torch_device

@@ -568,7 +568,7 @@ class Zoo(nn.Module):
 
 
 def test_capture_gives_per_example_gradients():
-    from attribkit.ifvp._kfac_hooks import (
+    from attribkit._compute.capture import (
         LayerCapture,
         matrix_to_params,
         param_layout,

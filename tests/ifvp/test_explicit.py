@@ -13,7 +13,7 @@ from cases import classification_data, linear, mlp, regression_data
 from reference import assert_close, damped_fisher, loop_per_example_gradients
 
 from attribkit import ComputeConfig
-from attribkit.ifvp import explicit
+from attribkit._compute import budget
 from attribkit.ifvp.explicit import ExplicitIFVP
 
 F64 = ComputeConfig(dtype="float64")
@@ -244,7 +244,7 @@ def test_auto_picks_the_cheaper_solver(n, p, damping, expected):
 def test_auto_falls_back_to_the_form_that_fits(monkeypatch):
     # n = 15, p = 20: cost prefers the dense form (15 * 35 > 400), which needs
     # 6400 bytes; the kernel form needs 8 * 15 * 20 + 16 * 225 = 6000.
-    monkeypatch.setattr(explicit, "_available_memory", lambda device: 0)
+    monkeypatch.setattr(budget, "available_bytes", lambda device: 0)
     cfg = ComputeConfig(dtype="float64", memory_budget=6200)
     G = _gradients(15, 20)
     est = ExplicitIFVP(damping=0.1, config=cfg).fit(G)
@@ -287,7 +287,7 @@ def test_woodbury_needs_positive_damping():
 
 
 def test_too_large_dense_matrix_is_refused_before_allocating(monkeypatch):
-    monkeypatch.setattr(explicit, "_available_memory", lambda device: 0)
+    monkeypatch.setattr(budget, "available_bytes", lambda device: 0)
     cfg = ComputeConfig(memory_budget=1000)
 
     def untouchable():

@@ -15,7 +15,7 @@ from torch.func import functional_call, hessian
 from torch.utils.data import DataLoader, TensorDataset
 
 import attribkit as ak
-import attribkit._distributed as dist_mod
+import attribkit._compute.distributed as dist_mod
 from attribkit.projection.arnoldi import eigenpairs, gram_matvec, lanczos, ritz_pairs
 
 F64 = ak.ComputeConfig(dtype="float64")
@@ -156,7 +156,7 @@ def test_rev_fwd_equals_rev_rev(problem):
 
 
 def _hvp(model, data, mode="rev-fwd"):
-    from attribkit._gradients import MeanLossHVP
+    from attribkit._compute.curvature import MeanLossHVP
 
     return MeanLossHVP(model, data, mode=mode, config=F64)
 
@@ -538,9 +538,9 @@ def test_bad_data():
 
 
 def test_memory_refused_before_allocating(monkeypatch):
-    import attribkit.projection.arnoldi as arnoldi
+    from attribkit._compute import budget
 
-    monkeypatch.setattr(arnoldi, "_available_memory", lambda device: 1000)
+    monkeypatch.setattr(budget, "available_bytes", lambda device: 1000)
     cfg = ak.ComputeConfig(memory_budget=1000)
     G = np.ones((3, 40))  # basis 8 * 40 * 40 = 12,800 bytes > both limits
     with pytest.raises(ValueError, match="Krylov basis of max_iter x p = 40 x 40 .* max_iter"):

@@ -13,7 +13,7 @@ from reference import assert_close
 from torch import nn
 
 import attribkit as ak
-from attribkit.ifvp import _kfac_hooks as hooks
+from attribkit._compute import capture as hooks
 from attribkit.projection._generator import dense_block
 from attribkit.projection.kronecker import layer_seed
 
