@@ -10,7 +10,13 @@ import numpy as np
 import pytest
 import torch
 from cases import classification_data, linear, mlp, regression_data
-from reference import assert_close, damped_fisher, loop_per_example_gradients
+from reference import (
+    assert_close,
+    damped_fisher,
+    loop_per_example_gradients,
+    true_fisher_moments_ce,
+    true_fisher_moments_mse,
+)
 
 from attribkit import ComputeConfig
 from attribkit._compute import budget
@@ -152,47 +158,11 @@ def test_model_mode_auto_switches_like_array_mode(n, expected):
 
 
 # ----------------------------------------------------------------- true Fisher
-def _softmax_true_fisher(model, X):
-    """Exact E_{y~p}[g g^T] over inputs, and the per-sample variance of g g^T."""
-    with torch.no_grad():
-        probs = torch.softmax(model(X), dim=1)
-    mean, var = 0.0, 0.0
-    for k in range(X.shape[0]):
-        classes = range(probs.shape[1])
-        outer = [
-            (lambda g: torch.outer(g, g))(
-                loop_per_example_gradients(model, X[k : k + 1], torch.tensor([c]))[0]
-            )
-            for c in classes
-        ]
-        m = sum(probs[k, c] * outer[c] for c in classes)
-        mean = mean + m
-        var = var + sum(probs[k, c] * outer[c] ** 2 for c in classes) - m**2
-    return mean / X.shape[0], var / X.shape[0]
-
-
-def _mse_true_fisher(model, X):
-    """Exact Gauss-Newton (2/D) J^T J averaged over inputs, and the per-sample variance."""
-    params = dict(model.named_parameters())
-    mean, var = 0.0, 0.0
-    for k in range(X.shape[0]):
-        out = model(X[k : k + 1])[0]
-        rows = []
-        for o in range(out.shape[0]):
-            grads = torch.autograd.grad(out[o], list(params.values()), retain_graph=True)
-            rows.append(torch.cat([g.reshape(-1) for g in grads]))
-        J = torch.stack(rows)
-        S = (2.0 / out.shape[0]) * J.T @ J  # covariance of the Gaussian g
-        mean = mean + S
-        var = var + torch.outer(S.diagonal(), S.diagonal()) + S**2  # Isserlis
-    return mean / X.shape[0], var / X.shape[0]
-
-
 @pytest.mark.parametrize(
     "loss, make_model, make_data, exact",
     [
-        ("cross_entropy", lambda: linear(d=2, out=3), classification_data, _softmax_true_fisher),
-        ("mse", lambda: linear(d=2, out=2), regression_data, _mse_true_fisher),
+        ("cross_entropy", lambda: linear(d=2, out=3), classification_data, true_fisher_moments_ce),
+        ("mse", lambda: linear(d=2, out=2), regression_data, true_fisher_moments_mse),
     ],
 )
 def test_true_fisher_converges_to_expectation(loss, make_model, make_data, exact):

@@ -9,9 +9,8 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from cases import classification_data, mlp, regression_data
-from reference import assert_close
-from torch.func import functional_call, hessian
+from cases import case, classification_data, mlp, regression_data
+from reference import assert_close, dense_hessian
 from torch.utils.data import DataLoader, TensorDataset
 
 import attribkit as ak
@@ -21,27 +20,6 @@ from attribkit.projection.arnoldi import eigenpairs, gram_matvec, lanczos, ritz_
 F64 = ak.ComputeConfig(dtype="float64")
 #: The test MLP has 39 parameters; its Hessian has 5 zero eigenvalues and is indefinite.
 P = 39
-
-
-def dense_hessian(model, X, y, loss="cross_entropy", params=None):
-    """Hessian of the mean loss over (X, y) in the named parameters (model order), float64."""
-    named = dict(model.named_parameters())
-    names = [n for n in named if params is None or n in params]
-    shapes = [named[n].shape for n in names]
-    fixed = {n: p.detach() for n, p in named.items() if n not in names}
-    flat = torch.cat([named[n].detach().reshape(-1) for n in names])
-
-    def f(v):
-        state, i = dict(fixed), 0
-        for n, s in zip(names, shapes):
-            state[n] = v[i : i + s.numel()].reshape(s)
-            i += s.numel()
-        out = functional_call(model, state, (X,))
-        if loss == "mse":
-            return torch.nn.functional.mse_loss(out, y)
-        return torch.nn.functional.cross_entropy(out, y)
-
-    return hessian(f)(flat)
 
 
 def top_by_magnitude(A, k):
@@ -106,6 +84,17 @@ def test_ihvp_and_transform_equal_restricted_dense_inverse(problem):
     # Column by column, up to the eigenvectors' signs.
     dense_cols = (V @ vectors[pos].T) / values[pos].sqrt()
     assert_close(Z.abs(), dense_cols.abs(), rtol=1e-10)
+
+
+def test_batchnorm_model_uses_running_statistics():
+    """The Hessian is the eval-mode one (running statistics); the model keeps its mode."""
+    model, X, y = case("batchnorm")
+    model.train()
+    est = fit_quiet(ak.ArnoldiProjector(proj_dim=5, max_iter=200, config=F64), model, (X, y))
+    assert model.training
+    H = dense_hessian(model.eval(), X, y)
+    values, _ = top_by_magnitude(H, 5)
+    assert_close(est.eigenvalues_, values, rtol=1e-10)
 
 
 def test_ihvp_containers(problem):
