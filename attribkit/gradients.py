@@ -160,8 +160,10 @@ def per_example_gradients(
         the model differentiates the parameters it was fitted on; one fitted
         on arrays (or any fitted scikit-learn transformer) takes the flat
         gradients of ``params``, which must have its ``n_features_in_``
-        entries. A :class:`~attribkit.KroneckerProjector` never forms
-        per-example gradients: hooks capture each covered layer's inputs and
+        entries. An attribkit estimator consumes the gradients through its
+        :meth:`~attribkit.BaseEstimator.project_gradients`; a
+        :class:`~attribkit.KroneckerProjector` never forms per-example
+        gradients there: hooks capture each covered layer's inputs and
         output gradients and only their projections are multiplied.
     out : ndarray, np.memmap or torch.Tensor of shape (n, k), optional
         Preallocated result (``k = p`` without a projector) in

@@ -8,7 +8,7 @@ and hands them to an estimator that does the algebra:
   (array mode, one gradient row);
 * ``ifvp_datainf`` / ``ifvp_at_x_datainf`` -> :class:`attribkit.DataInfIFVP`
   (array mode, one dict key per layer);
-* ``ifvp_at_x_ekfac`` -> the statistics core of :class:`attribkit.EKFACIFVP`,
+* ``ifvp_at_x_ekfac`` -> the two passes and statistics of :class:`attribkit.EKFACIFVP`,
   fed with the ``(input, output-gradient)`` pairs that the user's
   :class:`MLPCache` records.
 
@@ -842,10 +842,11 @@ def ifvp_at_x_ekfac(
        per-example gradients ``∇W_i = Σ_t ∇s_{i,t} a_{i,t}ᵀ`` in that basis;
 
     and the IFVP of a layer's ``v`` is ``Q_S ((Q_Sᵀ v Q_A) / (Λ + damping)) Q_Aᵀ``.
-    The statistics are :class:`attribkit.EKFACIFVP`'s core
-    (:class:`attribkit.ifvp.ekfac.EKFACStatistics`, float64 sums and
-    eigendecompositions) fed with the cached pairs; the IFVP is its
-    ``ekfac_apply``.
+    The work is :class:`attribkit.EKFACIFVP`'s, fed with the cached pairs:
+    its two passes (:func:`attribkit.ifvp.ekfac.fit_statistics` over
+    :class:`~attribkit.ifvp.ekfac.EKFACStatistics`, float64 sums and
+    eigendecompositions), its rounding floor for ``Λ``
+    (:func:`~attribkit.ifvp.ekfac.check_lambda`) and its ``ekfac_apply``.
 
     Parameters
     ----------
@@ -873,7 +874,9 @@ def ifvp_at_x_ekfac(
         the layers during the forward pass of ``func``.
     damping : float, default=0.0
         Added to ``Λ``. With ``damping=0`` an entry of ``Λ`` that is zero to
-        rounding raises ``ValueError`` (the IFVP would divide by zero).
+        rounding (at most ``(eps * d)^2 * max(Λ)``, ``d`` the layer's larger
+        side, as in EKFACIFVP) raises ``ValueError`` (the IFVP would divide
+        by zero).
 
     Returns
     -------

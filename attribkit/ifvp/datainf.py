@@ -5,6 +5,32 @@ empirical Fisher by the mean of the inverses of its rank-one terms, each of
 which Sherman-Morrison inverts in closed form. The whole approximation is then
 two matrix products with the stored per-example gradients of the layer, and no
 factorisation at all.
+
+The whole data flow, from ``fit`` to ``transform``:
+
+1. the layout is set and split into layers (``_resolve_layers``: by module
+   prefix, per parameter, named groups or sizes), each layer a list of
+   ``(start, stop)`` column segments of the flat vector;
+2. per-example gradients arrive in ``(b, p)`` batches (streamed by
+   :func:`attribkit._compute.gradients.iter_gradients` in model mode, the
+   whole array in array mode); per layer its columns are kept in
+   ``config.dtype`` and their squared norms ``‖g_i‖²`` in float64
+   (``_collect``);
+3. ``_finish`` joins the batches, reduces the example count and (for
+   ``damping="auto"``) the per-layer sums of squared norms over processes,
+   and sets ``damping_``: ``λ_l = 0.1 × mean_i ‖g_{l,i}‖² / d_l``;
+4. ``transform(V)`` per layer: ``(1/λ)(V − ((V Gᵀ) * c) G)`` with
+   ``c_i = 1 / (n (λ + ‖g_i‖²))``, in chunks of training examples within
+   ``config.memory_budget`` (``_accumulate``), products at least in float32.
+
+Sharded transform (after a distributed fit, ``len(shard_sizes_) > 1``):
+each rank keeps only its shard's gradients, so ``transform`` is collective.
+The ranks first agree on the vectors' shape and checksums
+(``Reducer.agree``: a mismatch or a rank that failed before the collective
+makes every rank raise); each rank then computes its shard's correction
+``((V G_rᵀ) * c_r) G_r`` for all layers into one ``(m, n_features)``
+tensor, one all-reduce sums the shards, and every rank finishes
+``(V − correction) / λ`` per layer: the single-process result.
 """
 
 from __future__ import annotations

@@ -2,10 +2,12 @@
 
 The whole data flow, from ``fit`` to ``transform``:
 
-1. ``attribkit._compute.capture`` finds the covered layers (``nn.Linear``, ``nn.Conv2d``) and,
-   per batch, captures each layer's input ``a`` ``(b, T, d_in)`` (ones column
-   for the bias, conv inputs unfolded) and output gradient ``s`` ``(b, T, d_out)``
-   of the SUM of per-example losses;
+1. :mod:`attribkit._compute.capture` finds the covered layers (its registry:
+   ``nn.Linear``, ``nn.Conv2d``) and, per batch of
+   :func:`attribkit._compute.targets.target_batches` (the targets of the
+   empirical, true or expected Fisher), captures each layer's input ``a``
+   ``(b, T, d_in)`` (ones column for the bias, conv inputs unfolded) and
+   output gradient ``s`` ``(b, T, d_out)`` of the SUM of per-example losses;
 2. pass 1 (``EKFACStatistics.update_covariances``): sums ``a^T a`` and
    ``s^T s`` over all rows (tokens, positions) and counts them;
    ``finish_covariances`` reduces sums and counts over processes, normalises
@@ -15,7 +17,9 @@ The whole data flow, from ``fit`` to ``transform``:
    ``Q_S^T (s_i^T a_i) Q_A``, squared and summed over examples (from pass 1's
    captured ``(a, s)`` when they fit ``config.memory_budget``, else from a
    second pass over the data);
-   ``finish_lambda`` reduces and normalises: ``Λ = E_i[(Q_S^T ∇W_i Q_A)^2]``;
+   ``finish_lambda`` reduces and normalises: ``Λ = E_i[(Q_S^T ∇W_i Q_A)^2]``
+   (both passes: :func:`fit_statistics`); a zero damping with entries of
+   ``Λ`` at rounding level is refused (:func:`check_lambda`);
 4. ``transform`` per layer: ``Q_S ((Q_S^T V Q_A) / (Λ + damping)) Q_A^T``.
 
 Statistics core (no hooks): ``EKFACStatistics`` and ``ekfac_apply``
@@ -32,17 +36,24 @@ Statistics core (no hooks): ``EKFACStatistics`` and ``ekfac_apply``
 ``finish_covariances(reducer=None)``
     Raises ``ValueError`` naming the layer and the first batch where a NaN or
     infinity appeared, before any eigendecomposition; all-reduces the raw sums
-    and counts with ``reducer.sum_`` (``attribkit._compute.distributed.reducer``; once
-    for the pass), normalises, eigendecomposes. Afterwards ``Q_A[k]``,
+    and counts with ``reducer.sum_`` (:mod:`attribkit._compute.distributed`;
+    once for the pass), normalises, eigendecomposes. Afterwards ``Q_A[k]``,
     ``Q_S[k]``, ``eigvals_A[k]``, ``eigvals_S[k]`` (float64) are set.
 ``update_lambda(k, a, s, weights=None)`` / ``finish_lambda(reducer=None)``
     Pass 2, same shapes; returns the list of float64 ``Λ`` ``(d_out, d_in)``.
+``fit_statistics(stats, covariance_batches, lambda_batches, *, reducer, keep_budget)``
+    Both passes over batches of per-layer ``(a, s, weights)`` triples;
+    returns ``Λ``.
+``check_lambda(lam, damping, *, d, dtype, ...)``
+    The rounding floor ``(eps * d)^2 * max(Λ)`` below which an entry counts
+    as zero, and the error when the damping is 0.
 ``ekfac_apply(Q_S, Q_A, scale, X)``
     ``Q_S ((Q_S^T X Q_A) * scale) Q_A^T`` for ``X`` ``(m, d_out, d_in)``:
     ``scale = 1 / (Λ + damping)`` is the IFVP, ``Λ + damping`` the FVP.
 
-The functional ``ifvp_at_x_ekfac`` feeds the same core with the pairs an
-``MLPCache`` holds; there is no second implementation.
+The functional ``ifvp_at_x_ekfac`` feeds the same core (``fit_statistics``,
+``check_lambda``, ``ekfac_apply``) with the pairs an ``MLPCache`` holds;
+there is no second implementation.
 """
 
 from __future__ import annotations

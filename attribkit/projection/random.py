@@ -1,4 +1,26 @@
-"""Johnson-Lindenstrauss random projection of gradient features."""
+"""Johnson-Lindenstrauss random projection of gradient features.
+
+The whole data flow, from ``fit`` to ``transform``:
+
+1. ``fit`` learns only a layout: the selected parameters of a model
+   (``params``; data is ignored) or the columns of an array or dict; it
+   checks the backend (``fast_jl`` needs CUDA, ``proj_dim % 512 == 0``, ...)
+   and sets ``proj_dim_``. No matrix is drawn;
+2. after ``fit`` (and after unpickling or ``to``) a
+   :class:`~attribkit.projection._generator.Projection` engine is built: it
+   holds the seed and the sizes, and generates rows ``[r0, r1)`` of the
+   ``(n_features, proj_dim)`` matrix on demand from a counter-based hash
+   (every entry a pure function of ``(seed, proj_type, sparsity, i, j)``);
+3. ``transform(X)`` (``BaseEstimator`` flattens dicts and casts to
+   ``config.dtype``) computes ``X @ R``: with the whole matrix cached when it
+   fits ``config.memory_budget``, else from the cached leading rows plus
+   blocks regenerated per call; ``"sjlt"`` scatters each feature into its
+   ``sparsity`` output coordinates (``index_add_``) without a dense matrix;
+   ``backend="fast_jl"`` calls TRAK's CUDA kernel instead;
+4. ``per_example_gradients(model, data, projector=rp)`` goes through the
+   default :meth:`~attribkit.BaseEstimator.project_gradients`: one batch of
+   per-example gradients at a time, each through ``transform``.
+"""
 
 from __future__ import annotations
 
