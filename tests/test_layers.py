@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ast
 import pathlib
+import sys
 
 import pytest
 
@@ -187,6 +188,27 @@ def test_compute_imports_only_itself_and_config():
         for t in targets
         if _part(t) not in ("_compute", "config")
     ]
+    assert bad == []
+
+
+#: What the low layer may import besides the standard library and attribkit.config.
+LOW_LAYER_LIBRARIES = {"torch", "numpy", "scipy", "sklearn", "tqdm"}
+
+
+def test_compute_imports_only_the_numerical_stack():
+    bad = []
+    for name, path in _modules().items():
+        if _part(name) != "_compute":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                tops = [alias.name.split(".")[0] for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and not node.level:
+                tops = [node.module.split(".")[0]]
+            else:
+                continue
+            allowed = LOW_LAYER_LIBRARIES | set(sys.stdlib_module_names) | {"attribkit"}
+            bad += [(name, top) for top in tops if top not in allowed]
     assert bad == []
 
 
