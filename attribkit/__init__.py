@@ -1,10 +1,10 @@
 """attribkit: training-data attribution building blocks as scikit-learn estimators."""
 
 from . import evaluation
-from ._gradients import per_example_gradients
 from ._scores import influence, self_influence
 from .base import BaseEstimator
 from .config import ComputeConfig
+from .gradients import per_example_gradients
 from .ifvp import EKFACIFVP, DataInfIFVP, ExplicitIFVP
 from .projection import ArnoldiProjector, KroneckerProjector, RandomProjector
 

@@ -25,10 +25,12 @@ import numpy as np
 import torch
 from sklearn.pipeline import Pipeline
 from sklearn.utils.validation import check_is_fitted
-from tqdm.auto import tqdm
 
-from . import _validation as V
-from ._vectors import flatten_input, unflatten_output
+from ._compute import progress
+from ._compute import validation as V
+from ._compute.budget import rows_within
+from ._compute.precision import itemsize
+from ._compute.vectors import flatten_input, unflatten_output
 
 __all__ = ["influence", "self_influence"]
 
@@ -142,17 +144,14 @@ def _block_rows(est, raw, m: int, extra_per_row: int = 0, reserved: int = 0) -> 
     not working memory) and ``extra_per_row``; ``reserved`` bytes of the
     budget are taken first (the running top-k merge's fixed temporaries).
     """
-    item = torch.empty((), dtype=est._config.torch_dtype).element_size()
+    item = itemsize(est._config.torch_dtype)
     per_row = _row_bytes(raw) + est.n_features_in_ * item + m * item + extra_per_row
-    return max(1, (est._config.memory_budget - reserved) // max(1, per_row))
+    return rows_within(est._config.memory_budget - reserved, per_row)
 
 
 def _bar(total_blocks: int, est, desc: str):
-    return tqdm(
-        total=total_blocks,
-        desc=desc,
-        disable=not est._config.show_progress or total_blocks <= 1,
-        leave=False,
+    return progress.bar(
+        total=total_blocks, desc=desc, enabled=est._config.show_progress, several=True
     )
 
 
@@ -266,7 +265,7 @@ def influence(ifvp, train_vectors, test_vectors, top_k: int | None = None):
     )
     m = preconditioned.shape[0]
     side = _Side(est, pre, "train_vectors", owner)
-    item = torch.empty((), dtype=dtype).element_size()
+    item = itemsize(dtype)
     if top_k is None:
         # Each block's product is written by the GEMM straight into its columns
         # of the result (``out=`` a column slice: BLAS's leading dimension, no

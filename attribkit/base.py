@@ -28,13 +28,16 @@ from sklearn.utils.validation import (
     _check_feature_names_in,
     check_is_fitted,
 )
+from torch.utils._pytree import tree_map
 
-from . import _validation as V
-from ._distributed import reducer
-from ._vectors import (
+from ._compute import validation as V
+from ._compute.distributed import reducer
+from ._compute.gradients import iter_gradients, layout_params
+from ._compute.vectors import (
     ARRAY_KEY,
     all_finite,
     fit_layout,
+    flatten_dict,
     flatten_input,
     layout_size,
     unflatten_output,
@@ -45,16 +48,8 @@ __all__ = ["BaseEstimator"]
 
 
 def _map_tensors(value, fn):
-    """Apply ``fn`` to every tensor in nested dicts / lists / tuples."""
-    if isinstance(value, torch.Tensor):
-        return fn(value)
-    if isinstance(value, dict):
-        return type(value)((k, _map_tensors(v, fn)) for k, v in value.items())
-    if isinstance(value, list):
-        return [_map_tensors(v, fn) for v in value]
-    if isinstance(value, tuple) and not hasattr(value, "_fields"):
-        return tuple(_map_tensors(v, fn) for v in value)
-    return value
+    """Apply ``fn`` to every tensor in nested containers (dicts, lists, tuples)."""
+    return tree_map(lambda t: fn(t) if isinstance(t, torch.Tensor) else t, value)
 
 
 class BaseEstimator(sklearn.base.TransformerMixin, sklearn.base.BaseEstimator):
@@ -240,14 +235,76 @@ class BaseEstimator(sklearn.base.TransformerMixin, sklearn.base.BaseEstimator):
             )
         return unflatten_output(out, inp.kind, shapes if same_layout else None)
 
+    # ------------------------------------------------------------ consuming gradients
+    def project_gradients(self, model, data, *, loss="cross_entropy", params=None, config=None):
+        """Apply ``transform`` to the per-example gradients of ``model`` on ``data``, lazily.
+
+        This is how a fitted estimator consumes gradients when it is the
+        ``projector`` of :func:`attribkit.per_example_gradients`: the rows
+        come batch by batch, so only one batch of gradients is ever held.
+        The default differentiates, with ``torch.func`` (``vmap`` of
+        ``grad``), the parameters the estimator's layout names (those of
+        ``param_shapes_`` when it was fitted on the model, else ``params``,
+        whose gradients must have ``n_features_in_`` entries), concatenates
+        them in the layout's order and passes each batch through
+        ``transform``. Estimators that can do better override it:
+        :class:`~attribkit.KroneckerProjector` projects from layer hooks
+        without forming the gradients.
+
+        Parameters
+        ----------
+        model : torch.nn.Module
+            The model the gradients are taken of (checked against the
+            fitted layout before anything runs).
+        data : DataLoader, Dataset, tuple (inputs, targets) or iterable of batches
+            The examples.
+        loss : {"cross_entropy", "mse"} or callable, default="cross_entropy"
+            The per-example loss.
+        params : list of str, optional
+            Parameters to differentiate; must name the fitted ones (any
+            order) when the estimator was fitted on the model.
+        config : ComputeConfig, optional
+            ``batch_size``, progress and ``distributed`` of the gradient
+            pass; default the estimator's own.
+
+        Returns
+        -------
+        batches : iterator of torch.Tensor
+            ``(b, k)`` rows per batch of ``data``, in ``config.dtype`` of the
+            estimator, computed as the iterator is consumed.
+        k : int
+            The width of every batch of rows.
+
+        Examples
+        --------
+        >>> import torch, attribkit as ak
+        >>> model = torch.nn.Linear(3, 2)
+        >>> proj = ak.RandomProjector(proj_dim=4).fit(model)
+        >>> X, y = torch.randn(5, 3), torch.tensor([0, 1, 1, 0, 1])
+        >>> batches, k = proj.project_gradients(model, (X, y))
+        >>> k, [tuple(b.shape) for b in batches]
+        (4, [(5, 4)])
+        """
+        check_is_fitted(self)
+        config = V.check_config(self, self._config if config is None else config)
+        names, _ = layout_params(model, self, params)
+        k = int(self._n_features_out)
+
+        def batches():
+            for grads in iter_gradients(model, data, loss=loss, params=names, config=config):
+                # In the layout's order (a dict-fitted one may differ from model order).
+                yield self.transform(flatten_dict(grads, names or grads))
+
+        return batches(), k
+
     # ------------------------------------------------------------ feature names
     @property
     def _n_features_out(self) -> int:
         """Number of output columns of ``transform`` (fitted estimators only).
 
         The input's for ``_same_layout`` estimators; else ``proj_dim_`` when
-        the estimator has it; else measured on one zero vector. Subclasses
-        that know it cheaply override this property.
+        the estimator has it (every projector of attribkit); else measured on
+        one zero vector.
         """
         if self._same_layout:
             return self.n_features_in_

@@ -1,4 +1,17 @@
-"""Compute configuration shared by every estimator."""
+"""Compute configuration shared by every estimator.
+
+The data flow of a :class:`ComputeConfig`: an estimator stores the one it is
+given (or ``None``) as a hyper-parameter; ``BaseEstimator.fit`` resolves
+``None`` to ``ComputeConfig()`` and keeps the result with the fitted state
+(pickled with it: a frozen dataclass of plain values). ``fit`` and
+``transform`` read from it the device (``torch_device``, ``"auto"``
+resolved at each access), the output and state dtype (``torch_dtype``),
+the batch size of the passes over data, whether progress bars draw
+(``show_progress``), the working-memory budget
+(:mod:`attribkit._compute.budget`) and whether a fit reduces over a
+``torch.distributed`` process group (:mod:`attribkit._compute.distributed`).
+This module is a leaf: it imports only torch.
+"""
 
 from __future__ import annotations
 

@@ -11,7 +11,7 @@ each estimator the table gives
   processes cannot beat one process using both cores by much, and the
   machine is shared, so read the ratios, not the seconds;
 * the payload bytes each rank passed to collectives during one fit
-  (``attribkit._distributed.traffic``: an all-reduce counts its tensor, a
+  (``attribkit._compute.distributed.traffic``: an all-reduce counts its tensor, a
   broadcast counts it on every rank, an all-gather this rank's part),
   against the bytes of the fitted statistics themselves (ExplicitIFVP's
   dense form: the ``p x p`` float64 Fisher, all-reduced once; its kernel
@@ -94,7 +94,7 @@ def _worker(rank, world, port, threads, quick, repeats, queue):
     import torch.distributed as dist
 
     import attribkit as ak
-    from attribkit import _distributed
+    from attribkit._compute import distributed as _distributed
 
     if world > 1:
         dist.init_process_group(

@@ -1,35 +1,223 @@
-"""Dense truths computed the slow, obvious way (float64), to test against."""
+"""Every dense truth the tests compare against, computed the slow, obvious way (float64).
+
+* per-example gradients by one autograd call per example;
+* curvature matrices: the empirical Fisher ``G^T G / n``, the Hessian of the
+  mean loss and the Gauss-Newton matrix (``torch.func``), and the exact
+  moments of the true Fisher;
+* the approximations from their definitions: EK-FAC (eigenbases of the
+  covariances, ``Λ`` of the rotated gradients), DataInf (the mean of the
+  inverses of the damped rank-one terms, by dense solves) and the Kronecker
+  (LoGra) projection;
+* :func:`assert_close`, the relative max-norm error the tolerances state.
+"""
 
 from __future__ import annotations
 
 import torch
+from torch.func import functional_call, hessian, jacrev
+
+D64 = torch.float64
 
 
+# --------------------------------------------------------------------------- gradients
 def loop_per_example_gradients(model, X, y, loss="cross_entropy", params=None):
-    """Per-example gradients by one autograd call per example (the reference)."""
+    """Per-example gradients by one autograd call per example (the reference).
+
+    The model is evaluated in eval mode, as attribkit evaluates it, and its
+    mode is restored afterwards.
+    """
     named = dict(model.named_parameters())
     names = [n for n, p in named.items() if p.requires_grad] if params is None else params
     names = [n for n in named if n in names]  # model order
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
     rows = []
-    for i in range(X.shape[0]):
-        out = model(X[i : i + 1])
-        if loss == "cross_entropy":
-            value = torch.nn.functional.cross_entropy(out, y[i : i + 1])
-        elif loss == "mse":
-            value = torch.nn.functional.mse_loss(out, y[i : i + 1].reshape(out.shape))
-        else:
-            value = loss(out, y[i : i + 1]).sum()
-        grads = torch.autograd.grad(value, [named[n] for n in names])
-        rows.append(torch.cat([g.reshape(-1) for g in grads]))
+    try:
+        for i in range(X.shape[0]):
+            out = model(X[i : i + 1])
+            if loss == "cross_entropy":
+                value = torch.nn.functional.cross_entropy(out, y[i : i + 1])
+            elif loss == "mse":
+                value = torch.nn.functional.mse_loss(out, y[i : i + 1].reshape(out.shape))
+            else:
+                value = loss(out, y[i : i + 1]).sum()
+            grads = torch.autograd.grad(value, [named[n] for n in names])
+            rows.append(torch.cat([g.reshape(-1) for g in grads]))
+    finally:
+        for module, training in modes:
+            module.training = training
     return torch.stack(rows)
+
+
+# --------------------------------------------------------------------------- curvature
+def empirical_fisher(G: torch.Tensor) -> torch.Tensor:
+    """``G^T G / n`` in float64."""
+    G = G.double()
+    return G.T @ G / G.shape[0]
 
 
 def damped_fisher(G: torch.Tensor, damping: float) -> torch.Tensor:
     """``G^T G / n + damping I`` in float64."""
-    G = G.double()
-    return G.T @ G / G.shape[0] + damping * torch.eye(G.shape[1], dtype=torch.float64)
+    return empirical_fisher(G) + damping * torch.eye(G.shape[1], dtype=D64)
 
 
+def _flat_state(model, params=None):
+    """``(theta, state_of)``: the named parameters (model order) flat, and ``theta -> state``."""
+    named = dict(model.named_parameters())
+    names = [n for n in named if params is None or n in params]
+    shapes = [named[n].shape for n in names]
+    fixed = {n: p.detach() for n, p in named.items() if n not in names}
+    theta = torch.cat([named[n].detach().reshape(-1) for n in names])
+
+    def state_of(v):
+        state, i = dict(fixed), 0
+        for n, s in zip(names, shapes):
+            state[n] = v[i : i + s.numel()].reshape(s)
+            i += s.numel()
+        return state
+
+    return theta, state_of
+
+
+def dense_hessian(model, X, y, loss="cross_entropy", params=None):
+    """Hessian of the mean loss over ``(X, y)`` in the named parameters (model order)."""
+    theta, state_of = _flat_state(model, params)
+
+    def f(v):
+        out = functional_call(model, state_of(v), (X,))
+        if loss == "mse":
+            return torch.nn.functional.mse_loss(out, y)
+        return torch.nn.functional.cross_entropy(out, y)
+
+    return hessian(f)(theta)
+
+
+def dense_gauss_newton(model, X, loss):
+    """``(1/n) sum_i J_i^T H_i J_i``: J_i the output Jacobian, H_i the loss Hessian in outputs."""
+    theta, state_of = _flat_state(model)
+    total = 0.0
+    for i in range(X.shape[0]):
+        x = X[i : i + 1]
+
+        def f(t, x=x):
+            return functional_call(model, state_of(t), (x,))[0]
+
+        J = jacrev(f)(theta)  # (C, p)
+        out = f(theta).detach()
+        if loss == "cross_entropy":
+            p = torch.softmax(out, 0)
+            H = torch.diag(p) - torch.outer(p, p)
+        else:  # per-example MSE averages over the D outputs: Hessian (2 / D) I
+            H = (2.0 / out.numel()) * torch.eye(out.numel(), dtype=out.dtype)
+        total = total + J.T @ H @ J
+    return total / X.shape[0]
+
+
+def true_fisher_moments_ce(model, X):
+    """Exact ``E_{y~p}[g g^T]`` over inputs of a softmax model, and the per-sample variance."""
+    with torch.no_grad():
+        probs = torch.softmax(model(X), dim=1)
+    mean, var = 0.0, 0.0
+    for k in range(X.shape[0]):
+        classes = range(probs.shape[1])
+        outer = [
+            (lambda g: torch.outer(g, g))(
+                loop_per_example_gradients(model, X[k : k + 1], torch.tensor([c]))[0]
+            )
+            for c in classes
+        ]
+        m = sum(probs[k, c] * outer[c] for c in classes)
+        mean = mean + m
+        var = var + sum(probs[k, c] * outer[c] ** 2 for c in classes) - m**2
+    return mean / X.shape[0], var / X.shape[0]
+
+
+def true_fisher_moments_mse(model, X):
+    """Exact Gauss-Newton ``(2/D) J^T J`` averaged over inputs, and the per-sample variance."""
+    params = dict(model.named_parameters())
+    mean, var = 0.0, 0.0
+    for k in range(X.shape[0]):
+        out = model(X[k : k + 1])[0]
+        rows = []
+        for o in range(out.shape[0]):
+            grads = torch.autograd.grad(out[o], list(params.values()), retain_graph=True)
+            rows.append(torch.cat([g.reshape(-1) for g in grads]))
+        J = torch.stack(rows)
+        S = (2.0 / out.shape[0]) * J.T @ J  # covariance of the Gaussian g
+        mean = mean + S
+        var = var + torch.outer(S.diagonal(), S.diagonal()) + S**2  # Isserlis
+    return mean / X.shape[0], var / X.shape[0]
+
+
+# --------------------------------------------------------------------------- EK-FAC
+def ekfac_factors(a_rows, s_rows, gradients):
+    """EK-FAC of one layer from its definition: ``(Q_S, Q_A, Λ)``.
+
+    ``a_rows`` ``(N, d_in)``: the layer's inputs over all rows (tokens,
+    positions) of all examples; ``s_rows``: a list of ``(N, d_out)`` output
+    gradients, one per target (the expected Fisher's targets pre-scaled by
+    ``sqrt(w)``; one plain entry otherwise); ``gradients``: a list of
+    per-example gradient matrices ``(n, d_out, d_in)`` scaled alike.
+    ``A = E_rows[a a^T]``, ``S = E_rows[sum_k s_k s_k^T]`` with eigenvectors as
+    columns, and ``Λ = E_i[sum_k (Q_S^T G_ik Q_A)^2]`` of shape ``(d_out, d_in)``.
+    """
+    n_rows = a_rows.shape[0]
+    A = a_rows.T @ a_rows / n_rows
+    S = sum(s.T @ s for s in s_rows) / n_rows
+    QA, QS = torch.linalg.eigh(A)[1], torch.linalg.eigh(S)[1]
+    n = gradients[0].shape[0]
+    lam = sum(((QS.T @ G @ QA) ** 2).sum(0) for G in gradients) / n
+    return QS, QA, lam
+
+
+def ekfac_matrix(QS, QA, lam, damping):
+    """The dense EK-FAC curvature ``(Q_S ⊗ Q_A) diag(vec Λ) (Q_S ⊗ Q_A)^T + damping I``.
+
+    On row-major ``vec`` of ``(d_out, d_in)`` matrices.
+    """
+    K = torch.kron(QS, QA)  # column i * d_in + j is QS[:, i] ⊗ QA[:, j]
+    return K @ torch.diag(lam.reshape(-1)) @ K.T + damping * torch.eye(K.shape[0], dtype=D64)
+
+
+def ekfac_ifvp(QS, QA, lam, damping, V):
+    """``Q_S ((Q_S^T V Q_A) / (Λ + damping)) Q_A^T`` for ``V`` ``(..., d_out, d_in)``."""
+    return QS @ ((QS.T @ V @ QA) / (lam + damping)) @ QA.T
+
+
+# --------------------------------------------------------------------------- DataInf
+def dense_datainf(G: torch.Tensor, damping: float, V: torch.Tensor) -> torch.Tensor:
+    """DataInf's definition: ``(1/n) Σ_i (g_i g_iᵀ + λ I)⁻¹`` applied to the rows of ``V``."""
+    G, V = G.double(), V.double()
+    eye = torch.eye(G.shape[1], dtype=D64)
+    total = sum(torch.linalg.solve(torch.outer(g, g) + damping * eye, V.T) for g in G)
+    return (total / G.shape[0]).T
+
+
+# --------------------------------------------------------------------------- Kronecker
+def kronecker_projection(projector, layers, V):
+    """``P_out^T W P_in`` per covered layer, flattened and concatenated (LoGra's definition).
+
+    ``layers``: the projector's covered layers (``capture.resolve_layers``),
+    whose ``params_to_matrix`` turns each layer's weight and bias in ``V``
+    into the ``(m, d_out, d_in)`` matrix ``W``.
+    """
+    from attribkit._compute.capture import params_to_matrix
+
+    parts, start = {}, 0
+    for name, shape in projector.param_shapes_.items():
+        size = int(torch.Size(shape).numel())
+        parts[name] = V[:, start : start + size].reshape(V.shape[0], *shape)
+        start += size
+    out = []
+    for layer in layers:
+        bias = parts[layer.bias_name] if layer.has_bias else None
+        W = params_to_matrix(layer, parts[layer.weight_name], bias)
+        P_in, P_out = projector.matrices(layer.name)
+        out.append(torch.einsum("do,mdi,ik->mok", P_out, W, P_in).reshape(V.shape[0], -1))
+    return torch.cat(out, 1)
+
+
+# --------------------------------------------------------------------------- comparison
 def assert_close(actual, expected, rtol=1e-10, atol=0.0):
     """Relative error in the max norm, the way the numerical tests state tolerances."""
     actual = torch.as_tensor(actual).double()

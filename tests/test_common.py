@@ -22,6 +22,7 @@ from sklearn.pipeline import Pipeline
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
 import attribkit as ak
+from attribkit._compute import vectors
 
 F64 = ak.ComputeConfig(dtype="float64")
 
@@ -319,11 +320,11 @@ def test_model_only_contract(name, tmp_path):
     out_np = est.transform(G.numpy())
     assert isinstance(out_np, np.ndarray) and out_np.dtype == np.float32
     same(out_np, out_t)
-    D = ak._vectors.split(G, est.param_shapes_)
+    D = vectors.split(G, est.param_shapes_)
     out_d = est.transform(dict(reversed(D.items())))
     if est._is_ifvp:  # dict in, dict out, keyed and shaped like param_shapes_
         assert list(out_d) == list(est.param_shapes_)
-        out_d = ak._vectors.flatten_dict(out_d, est.param_shapes_)
+        out_d = vectors.flatten_dict(out_d, est.param_shapes_)
     same(out_d, out_t)
     names = est.get_feature_names_out()
     assert len(names) == out_t.shape[1]

@@ -23,11 +23,12 @@ import psutil
 import pytest
 import torch
 import torch.multiprocessing as mp
-from cases import classification_data, linear, mlp
+from cases import PerToken, classification_data, linear, mlp
 from reference import assert_close
 
 import attribkit as ak
-from attribkit import _distributed
+from attribkit._compute import data as data_module
+from attribkit._compute import distributed as _distributed
 
 N = 11  # examples in the data set
 BATCH = 3
@@ -261,7 +262,7 @@ def _fit_everything(rank: int, world: int, arg, distributed=True) -> dict:
     img_x = torch.randn(N, 1, 4, 4, generator=g, dtype=torch.float64)
     torch.manual_seed(6)
     others = {
-        "seq": (_Tokens(), (seq_x[s:e], seq_y[s:e])),
+        "seq": (PerToken(d=4, hidden=5, classes=3).double(), (seq_x[s:e], seq_y[s:e])),
         "conv": (
             torch.nn.Sequential(
                 torch.nn.Conv2d(1, 2, 3),
@@ -324,20 +325,6 @@ def _fit_everything(rank: int, world: int, arg, distributed=True) -> dict:
         assert ak.ArnoldiProjector(proj_dim=2, config=cfg).fit(G).n_samples_ == e - s
         assert _distributed.traffic()["collectives"] == before
     return out
-
-
-class _Tokens(torch.nn.Module):
-    """(batch, tokens, features) -> (batch, classes, tokens) for the built-in CE."""
-
-    def __init__(self):
-        super().__init__()
-        self.net = torch.nn.Sequential(
-            torch.nn.Linear(4, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3)
-        )
-        self.double()
-
-    def forward(self, x):
-        return self.net(x).transpose(1, 2)
 
 
 def _gather_recipe(model, shard, cfg, sizes):
@@ -677,5 +664,5 @@ def test_inactive_reducer_is_a_no_op():
     X, y = _problem()
     with pytest.raises(ValueError, match="yielded no example"):
         with red.shard_pass("fit"):
-            list(ak._data.iter_batches((X[:0], y[:0]), ak.ComputeConfig()))
+            list(data_module.iter_batches((X[:0], y[:0]), ak.ComputeConfig()))
     assert not _distributed.reducer(ak.ComputeConfig(distributed=False)).active

@@ -195,9 +195,9 @@ def test_set_output_default_is_unchanged():
 
 
 def test_array_mode_memory_error_does_not_suggest_params(monkeypatch):
-    import attribkit.ifvp.explicit as explicit
+    from attribkit._compute import budget
 
-    monkeypatch.setattr(explicit, "_available_memory", lambda device: 0)
+    monkeypatch.setattr(budget, "available_bytes", lambda device: 0)
     tiny = ak.ComputeConfig(memory_budget=1000)
     with pytest.raises(ValueError, match="cannot fit in memory") as info:
         ak.ExplicitIFVP(config=tiny).fit(torch.randn(30, 20))

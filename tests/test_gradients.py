@@ -10,7 +10,7 @@ from reference import assert_close, loop_per_example_gradients
 from torch.utils.data import DataLoader, TensorDataset
 
 import attribkit as ak
-from attribkit._gradients import resolve_loss, sample_targets
+from attribkit._compute.targets import resolve_loss, sample_targets
 
 F64 = ak.ComputeConfig(dtype="float64", batch_size=5)
 

@@ -8,7 +8,7 @@ and hands them to an estimator that does the algebra:
   (array mode, one gradient row);
 * ``ifvp_datainf`` / ``ifvp_at_x_datainf`` -> :class:`attribkit.DataInfIFVP`
   (array mode, one dict key per layer);
-* ``ifvp_at_x_ekfac`` -> the statistics core of :class:`attribkit.EKFACIFVP`,
+* ``ifvp_at_x_ekfac`` -> the two passes and statistics of :class:`attribkit.EKFACIFVP`,
   fed with the ``(input, output-gradient)`` pairs that the user's
   :class:`MLPCache` records.
 
@@ -20,24 +20,18 @@ say where and why.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from functools import wraps
 
 import torch
 
+from .._compute import validation as V
+from .._compute.precision import float_dtype
 from ..ifvp.datainf import DataInfIFVP
-from ..ifvp.ekfac import EKFACStatistics, ekfac_apply
+from ..ifvp.ekfac import EKFACStatistics, check_lambda, ekfac_apply, fit_statistics
 from ..ifvp.explicit import ExplicitIFVP
-from ._common import (
-    check_callable,
-    check_nonneg_float,
-    config,
-    float_dtype,
-    is_int,
-    is_real,
-    leaves,
-    value_error,
-)
+from ._common import config, leaves
 
 __all__ = [
     "ifvp_explicit",
@@ -101,12 +95,12 @@ def _apply_flat(est, v, func_name: str) -> torch.Tensor:
 
 
 def _check_argnums(func_name: str, argnums, allow_tuple: bool) -> None:
-    ok = is_int(argnums) and argnums >= 0
+    ok = V.is_int(argnums) and argnums >= 0
     if allow_tuple and isinstance(argnums, tuple):
-        ok = bool(argnums) and all(is_int(a) and a >= 0 for a in argnums)
+        ok = bool(argnums) and all(V.is_int(a) and a >= 0 for a in argnums)
     if not ok:
         expected = "an int >= 0" + (" or a non-empty tuple of them" if allow_tuple else "")
-        raise value_error(func_name, "argnums", expected, argnums)
+        raise V.param_error(func_name, "argnums", expected, argnums)
 
 
 def ifvp_explicit(
@@ -173,9 +167,9 @@ def ifvp_explicit(
     True
     """
     name = "ifvp_explicit"
-    check_callable(name, "func", func)
+    V.check_callable(name, "func", func)
     _check_argnums(name, argnums, allow_tuple=False)
-    regularization = check_nonneg_float(name, "regularization", regularization)
+    regularization = V.check_damping(name, regularization, name="regularization", auto=False)
     grad_func = torch.func.grad(func, argnums=argnums)
 
     def _ifvp_explicit_func(x: tuple, v: torch.Tensor) -> torch.Tensor:
@@ -245,9 +239,9 @@ def ifvp_at_x_explicit(
     torch.Size([6])
     """
     name = "ifvp_at_x_explicit"
-    check_callable(name, "func", func)
+    V.check_callable(name, "func", func)
     _check_argnums(name, argnums, allow_tuple=True)
-    regularization = check_nonneg_float(name, "regularization", regularization)
+    regularization = V.check_damping(name, regularization, name="regularization", auto=False)
     est = _fit_explicit(torch.func.grad(func, argnums=argnums)(*x), regularization, name)
 
     def _ifvp_at_x_explicit_func(v: torch.Tensor) -> torch.Tensor:
@@ -269,9 +263,9 @@ def _layer_groups(param_layer_map, n_params: int, func_name: str) -> list[list[i
     if param_layer_map is None:
         return [[i] for i in range(n_params)]
     if not isinstance(param_layer_map, (list, tuple)) or not all(
-        is_int(k) and k >= 0 for k in param_layer_map
+        V.is_int(k) and k >= 0 for k in param_layer_map
     ):
-        raise value_error(
+        raise V.param_error(
             func_name,
             "param_layer_map",
             "None or a list of layer indices (ints >= 0)",
@@ -300,14 +294,14 @@ def _layer_damping(regularization, groups, n_params: int, has_map: bool, func_na
     """DataInfIFVP's ``damping`` for dattri's ``regularization``."""
     if regularization is None:
         return "auto"
-    if is_real(regularization):
-        if not 0 < float(regularization) < float("inf"):
-            raise value_error(func_name, "regularization", _REG_EXPECTED, regularization)
-        return float(regularization)
-    if not isinstance(regularization, (list, tuple)) or not all(
-        is_real(r) and 0 < float(r) < float("inf") for r in regularization
-    ):
-        raise value_error(func_name, "regularization", _REG_EXPECTED, regularization)
+    is_list = isinstance(regularization, (list, tuple))
+    if not is_list or regularization:  # an empty list is a wrong length, below
+        regularization = V.check_damping(
+            func_name, regularization, name="regularization", auto=False, positive=True,
+            per_layer=True, expected=_REG_EXPECTED,
+        )  # fmt: skip
+    if not is_list:
+        return regularization
     n_layers = len(groups)
     if len(regularization) == n_layers:
         return [float(r) for r in regularization]
@@ -394,12 +388,12 @@ class _DataInfLayers:
 
 
 def _check_datainf_args(func_name, func, argnums, in_dims) -> None:
-    check_callable(func_name, "func", func)
+    V.check_callable(func_name, "func", func)
     _check_argnums(func_name, argnums, allow_tuple=False)
     if not isinstance(in_dims, (tuple, int)) or (
-        isinstance(in_dims, tuple) and not all(d is None or is_int(d) for d in in_dims)
+        isinstance(in_dims, tuple) and not all(d is None or V.is_int(d) for d in in_dims)
     ):
-        raise value_error(
+        raise V.param_error(
             func_name, "in_dims", "a tuple of ints or None (one per argument of func)", in_dims
         )
 
@@ -730,7 +724,11 @@ def _input_size(x, in_dims, func_name: str) -> int:
     for i, (arg, dim) in enumerate(zip(x, in_dims)):
         if dim is None:
             continue
-        if not isinstance(arg, torch.Tensor) or not is_int(dim) or not -arg.ndim <= dim < arg.ndim:
+        if (
+            not isinstance(arg, torch.Tensor)
+            or not V.is_int(dim)
+            or not -arg.ndim <= dim < arg.ndim
+        ):
             raise IFVPUsageError(
                 f"Argument {i} of {func_name} is batched along in_dims[{i}]={dim!r}, so it "
                 f"must be a tensor with that dimension. Got {type(arg).__name__}"
@@ -844,10 +842,11 @@ def ifvp_at_x_ekfac(
        per-example gradients ``∇W_i = Σ_t ∇s_{i,t} a_{i,t}ᵀ`` in that basis;
 
     and the IFVP of a layer's ``v`` is ``Q_S ((Q_Sᵀ v Q_A) / (Λ + damping)) Q_Aᵀ``.
-    The statistics are :class:`attribkit.EKFACIFVP`'s core
-    (:class:`attribkit.ifvp.ekfac.EKFACStatistics`, float64 sums and
-    eigendecompositions) fed with the cached pairs; the IFVP is its
-    ``ekfac_apply``.
+    The work is :class:`attribkit.EKFACIFVP`'s, fed with the cached pairs:
+    its two passes (:func:`attribkit.ifvp.ekfac.fit_statistics` over
+    :class:`~attribkit.ifvp.ekfac.EKFACStatistics`, float64 sums and
+    eigendecompositions), its rounding floor for ``Λ``
+    (:func:`~attribkit.ifvp.ekfac.check_lambda`) and its ``ekfac_apply``.
 
     Parameters
     ----------
@@ -875,7 +874,9 @@ def ifvp_at_x_ekfac(
         the layers during the forward pass of ``func``.
     damping : float, default=0.0
         Added to ``Λ``. With ``damping=0`` an entry of ``Λ`` that is zero to
-        rounding raises ``ValueError`` (the IFVP would divide by zero).
+        rounding (at most ``(eps * d)^2 * max(Λ)``, ``d`` the layer's larger
+        side, as in EKFACIFVP) raises ``ValueError`` (the IFVP would divide
+        by zero).
 
     Returns
     -------
@@ -932,21 +933,23 @@ def ifvp_at_x_ekfac(
     torch.Size([3, 2, 4])
     """
     name = "ifvp_at_x_ekfac"
-    check_callable(name, "func", func)
+    V.check_callable(name, "func", func)
     if not x:
         raise IFVPUsageError(f"{name} needs the arguments of func in *x; none were given.")
     if in_dims is None:
         in_dims = (0,) * len(x)
     if not isinstance(in_dims, tuple):
-        raise value_error(name, "in_dims", "None or a tuple (one entry per argument)", in_dims)
-    if not is_int(batch_size) or batch_size < 1:
-        raise value_error(name, "batch_size", "an int >= 1", batch_size)
-    if max_iter is not None and (not is_int(max_iter) or max_iter < 1):
-        raise value_error(name, "max_iter", "None or an int >= 1", max_iter)
-    damping = check_nonneg_float(name, "damping", damping)
+        raise V.param_error(name, "in_dims", "None or a tuple (one entry per argument)", in_dims)
+    if not V.is_int(batch_size) or batch_size < 1:
+        raise V.param_error(name, "batch_size", "an int >= 1", batch_size)
+    if max_iter is not None and (not V.is_int(max_iter) or max_iter < 1):
+        raise V.param_error(name, "max_iter", "None or an int >= 1", max_iter)
+    damping = V.check_damping(name, damping, auto=False)
     caches = list(mlp_cache) if isinstance(mlp_cache, (list, tuple)) else [mlp_cache]
     if not caches or not all(hasattr(c, "input_hidden_pairs") for c in caches):
-        raise value_error(name, "mlp_cache", "an MLPCache or a non-empty list of them", mlp_cache)
+        raise V.param_error(
+            name, "mlp_cache", "an MLPCache or a non-empty list of them", mlp_cache
+        )
 
     n = _input_size(x, in_dims, name)
     batch_size = min(int(batch_size), n)
@@ -964,44 +967,48 @@ def ifvp_at_x_ekfac(
             )
 
     read = _CacheReader(caches, func, name)
-    stats = None
-    for batch in batches():  # pass 1: A and S
-        triples, mask = read(batch)
-        if stats is None:
-            a0 = triples[0][0]
-            stats = EKFACStatistics(
-                [(a.shape[-1], s.shape[-1]) for a, s in triples],
-                [f"cache {k}" for k in range(len(triples))],
-                device=a0.device,
-                dtype=float_dtype(a0.dtype),
-            )
-        for k, (a, s) in enumerate(triples):
-            if mask is not None:  # only the valid positions, as rows of one "example"
-                _check_mask(mask, a, k, name)
-                keep = mask.reshape(-1) != 0
-                a = a.reshape(-1, a.shape[-1])[keep].unsqueeze(0)
-                s = s.reshape(-1, s.shape[-1])[keep].unsqueeze(0)
-            stats.update_covariances(k, a, s)
-    stats.finish_covariances()
-    for batch in batches():  # pass 2: the eigenvalue correction
-        triples, mask = read(batch)
-        for k, (a, s) in enumerate(triples):
-            if mask is not None:  # masked positions add nothing to ∇W_i
-                _check_mask(mask, a, k, name)
-                a = a * mask[..., None]
-            stats.update_lambda(k, a, s)
-    lambdas = stats.finish_lambda()
 
+    def covariance_batches():
+        for batch in batches():
+            triples, mask = read(batch)
+            if mask is not None:  # only the valid positions, as rows of one "example"
+                keep = mask.reshape(-1) != 0
+                for k, (a, _) in enumerate(triples):
+                    _check_mask(mask, a, k, name)
+                triples = [
+                    (a.reshape(-1, a.shape[-1])[keep].unsqueeze(0),
+                     s.reshape(-1, s.shape[-1])[keep].unsqueeze(0))
+                    for a, s in triples
+                ]  # fmt: skip
+            yield [(a, s, None) for a, s in triples]
+
+    def lambda_batches():
+        for batch in batches():
+            triples, mask = read(batch)
+            if mask is not None:  # masked positions add nothing to ∇W_i
+                for k, (a, _) in enumerate(triples):
+                    _check_mask(mask, a, k, name)
+                triples = [(a * mask[..., None], s) for a, s in triples]
+            yield [(a, s, None) for a, s in triples]
+
+    # The layers are known once the first batch has run through the caches.
+    first = covariance_batches()
+    head = next(first)
+    a0 = head[0][0]
+    stats = EKFACStatistics(
+        [(a.shape[-1], s.shape[-1]) for a, s, _ in head],
+        [f"cache {k}" for k in range(len(head))],
+        device=a0.device,
+        dtype=float_dtype(a0.dtype),
+    )
+    lambdas = fit_statistics(stats, itertools.chain([head], first), lambda_batches, owner=name)
     scales = []
     for k, lam in enumerate(lambdas):
-        if damping == 0.0:
-            floor = lam.numel() * torch.finfo(torch.float64).eps * float(lam.max())
-            if not bool((lam > floor).all()):
-                raise ValueError(
-                    f"{name}: the eigenvalue correction Λ of cached layer {k} has entries that "
-                    "are zero to rounding (directions the gradients never move along), so the "
-                    "IFVP would divide by zero with damping=0. Pass damping > 0."
-                )
+        check_lambda(
+            lam, damping, d=max(stats.dims[k]), dtype=stats.dtype, owner=name,
+            layer=f"cached layer {k}", note="damping=0.0",
+            advice="Pass damping > 0 (the IFVP would divide by zero).",
+        )  # fmt: skip
         scales.append(1.0 / (lam + damping))
     structure = [len(c.input_hidden_pairs) for c in caches]
     dims = stats.dims

@@ -18,21 +18,16 @@ from collections.abc import Callable, Mapping
 import numpy as np
 import torch
 
-from .._gradients import HVP_MODES
+from .._compute import validation as V
+from .._compute.curvature import HVP_MODES
+from .._compute.precision import float_dtype
 from ..projection.arnoldi import ArnoldiProjector
 from ..projection.random import RandomProjector
-from ._common import check_callable, check_nonneg_float, config, float_dtype, is_int, value_error
+from ._common import config
 
 __all__ = ["random_project", "arnoldi_project"]
 
 _MASK64 = (1 << 64) - 1
-
-
-def _check_int(func: str, name: str, value, minimum: int | None = None) -> int:
-    if not is_int(value) or (minimum is not None and value < minimum):
-        expected = "an int" if minimum is None else f"an int >= {minimum}"
-        raise value_error(func, name, expected, value)
-    return int(value)
 
 
 def ensemble_seed(proj_seed: int, ensemble_id: int) -> int:
@@ -211,12 +206,12 @@ def random_project(
     False
     """
     name = "random_project"
-    fbs = _check_int(name, "feature_batch_size", feature_batch_size, minimum=1)
-    proj_dim = _check_int(name, "proj_dim", proj_dim, minimum=1)
-    max_batch = _check_int(name, "proj_max_batch_size", proj_max_batch_size, minimum=1)
-    proj_seed = _check_int(name, "proj_seed", proj_seed)
+    fbs = V.check_int(name, "feature_batch_size", feature_batch_size, minimum=1)
+    proj_dim = V.check_int(name, "proj_dim", proj_dim, minimum=1)
+    max_batch = V.check_int(name, "proj_max_batch_size", proj_max_batch_size, minimum=1)
+    proj_seed = V.check_int(name, "proj_seed", proj_seed)
     if not isinstance(use_half_precision, (bool, np.bool_)):
-        raise value_error(name, "use_half_precision", "a bool", use_half_precision)
+        raise V.param_error(name, "use_half_precision", "a bool", use_half_precision)
     layout = _feature_layout(feature, fbs, name)
     p = sum(layout.values())
     cfg = config(device, torch.float16 if use_half_precision else torch.float32)
@@ -237,7 +232,7 @@ def random_project(
 
     def _random_project_func(feature, ensemble_id: int = 0) -> torch.Tensor:
         """The ``(m, proj_dim)`` projection of ``feature`` by member ``ensemble_id``."""
-        ensemble_id = _check_int(name, "ensemble_id", ensemble_id)
+        ensemble_id = V.check_int(name, "ensemble_id", ensemble_id)
         flat, one = _flatten_feature(feature, layout, name)
         out = _member(ensemble_id).transform(flat.detach())
         return out[0] if one else out
@@ -408,8 +403,8 @@ def arnoldi_project(
     True
     """
     name = "arnoldi_project"
-    feature_dim = _check_int(name, "feature_dim", feature_dim, minimum=1)
-    check_callable(name, "func", func)
+    feature_dim = V.check_int(name, "feature_dim", feature_dim, minimum=1)
+    V.check_callable(name, "func", func)
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         raise TypeError(
             f"The 'x' parameter of {name} is the single argument of func, a floating-point "
@@ -420,17 +415,16 @@ def arnoldi_project(
             f"The 'feature_dim' parameter of {name} must equal the number of entries of x, "
             f"{x.numel()}. Got {feature_dim} instead."
         )
-    if not is_int(argnums) or argnums != 0:
-        raise value_error(name, "argnums", "0 (func takes the single argument x)", argnums)
-    proj_dim = _check_int(name, "proj_dim", proj_dim, minimum=1)
-    max_iter = _check_int(name, "max_iter", max_iter, minimum=1)
-    if not (isinstance(norm_constant, (int, float)) and 0 < float(norm_constant) < float("inf")):
-        raise value_error(name, "norm_constant", "a float > 0", norm_constant)
-    tol = check_nonneg_float(name, "tol", tol)
+    if not V.is_int(argnums) or argnums != 0:
+        raise V.param_error(name, "argnums", "0 (func takes the single argument x)", argnums)
+    proj_dim = V.check_int(name, "proj_dim", proj_dim, minimum=1)
+    max_iter = V.check_int(name, "max_iter", max_iter, minimum=1)
+    V.check_float(name, "norm_constant", norm_constant, minimum=0.0, strict=True)
+    tol = V.check_float(name, "tol", tol, minimum=0.0)
     if mode not in HVP_MODES:
-        raise value_error(name, "mode", " or ".join(repr(m) for m in HVP_MODES), mode)
-    regularization = check_nonneg_float(name, "regularization", regularization)
-    seed = _check_int(name, "seed", seed)
+        raise V.param_error(name, "mode", " or ".join(repr(m) for m in HVP_MODES), mode)
+    regularization = V.check_damping(name, regularization, name="regularization", auto=False)
+    seed = V.check_int(name, "seed", seed)
     cfg = config(device, float_dtype(x.dtype))
     model = _FunctionModel(func, x.to(cfg.torch_device))
     one = torch.zeros(1, 1, dtype=model.x.dtype, device=cfg.torch_device)

@@ -5,21 +5,48 @@ empirical Fisher by the mean of the inverses of its rank-one terms, each of
 which Sherman-Morrison inverts in closed form. The whole approximation is then
 two matrix products with the stored per-example gradients of the layer, and no
 factorisation at all.
+
+The whole data flow, from ``fit`` to ``transform``:
+
+1. the layout is set and split into layers (``_resolve_layers``: by module
+   prefix, per parameter, named groups or sizes), each layer a list of
+   ``(start, stop)`` column segments of the flat vector;
+2. per-example gradients arrive in ``(b, p)`` batches (streamed by
+   :func:`attribkit._compute.gradients.iter_gradients` in model mode, the
+   whole array in array mode); per layer its columns are kept in
+   ``config.dtype`` and their squared norms ``‖g_i‖²`` in float64
+   (``_collect``);
+3. ``_finish`` joins the batches, reduces the example count and (for
+   ``damping="auto"``) the per-layer sums of squared norms over processes,
+   and sets ``damping_``: ``λ_l = 0.1 × mean_i ‖g_{l,i}‖² / d_l``;
+4. ``transform(V)`` per layer: ``(1/λ)(V − ((V Gᵀ) * c) G)`` with
+   ``c_i = 1 / (n (λ + ‖g_i‖²))``, in chunks of training examples within
+   ``config.memory_budget`` (``_accumulate``), products at least in float32.
+
+Sharded transform (after a distributed fit, ``len(shard_sizes_) > 1``):
+each rank keeps only its shard's gradients, so ``transform`` is collective.
+The ranks first agree on the vectors' shape and checksums
+(``Reducer.agree``: a mismatch or a rank that failed before the collective
+makes every rank raise); each rank then computes its shard's correction
+``((V G_rᵀ) * c_r) G_r`` for all layers into one ``(m, n_features)``
+tensor, one all-reduce sums the shards, and every rank finishes
+``(V − correction) / λ`` per layer: the single-process result.
 """
 
 from __future__ import annotations
 
 import itertools
-import math
-import numbers
 from collections import Counter, OrderedDict
 
 import torch
 
-from .. import _validation as V
-from .._distributed import Reducer, reducer
-from .._gradients import iter_gradients, param_shapes, select_params
-from .._vectors import flatten_dict
+from .._compute import validation as V
+from .._compute.budget import rows_within
+from .._compute.distributed import Reducer, reducer
+from .._compute.gradients import iter_gradients
+from .._compute.model import param_shapes, select_params
+from .._compute.precision import itemsize, matmul_dtype
+from .._compute.vectors import flatten_dict, offsets
 from ..base import BaseEstimator
 from ..config import ComputeConfig
 
@@ -33,10 +60,6 @@ _LAYERS_EXPECTED = (
     "'module', 'parameter', a non-empty list of non-empty lists of parameter names, "
     "or a non-empty list of layer sizes (ints >= 1)"
 )
-
-
-def _is_real(value) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 class DataInfIFVP(BaseEstimator):
@@ -210,22 +233,16 @@ default="module"
 
     # ------------------------------------------------------------ parameters
     def _check_params(self) -> None:
-        damping = self.damping
-        if isinstance(damping, str):
-            if damping != "auto":
-                raise V.param_error(self, "damping", _DAMPING_EXPECTED, damping)
-        elif isinstance(damping, (list, tuple)):
-            if not damping or not all(_is_real(d) and 0 < d < float("inf") for d in damping):
-                raise V.param_error(self, "damping", _DAMPING_EXPECTED, damping)
-        elif not (_is_real(damping) and 0 < damping < float("inf")):
-            raise V.param_error(self, "damping", _DAMPING_EXPECTED, damping)
+        V.check_damping(
+            self, self.damping, positive=True, per_layer=True, expected=_DAMPING_EXPECTED
+        )
 
         layers = self.layers
         if isinstance(layers, str):
             V.check_option(self, "layers", layers, ("module", "parameter"))
         elif not isinstance(layers, (list, tuple)) or not layers:
             raise V.param_error(self, "layers", _LAYERS_EXPECTED, layers)
-        elif all(isinstance(s, numbers.Integral) and not isinstance(s, bool) for s in layers):
+        elif all(V.is_int(s) for s in layers):
             if min(layers) < 1:
                 raise V.param_error(self, "layers", _LAYERS_EXPECTED, layers)
         elif not all(
@@ -244,10 +261,7 @@ default="module"
         """Set ``layers_`` and the flat ``(start, stop)`` segments of each layer."""
         shapes = self.param_shapes_
         names = list(shapes)
-        offsets, start = {}, 0
-        for name, shape in shapes.items():
-            offsets[name] = (start, start + math.prod(shape))
-            start += math.prod(shape)
+        columns = offsets(shapes)
 
         layers = self.layers
         if isinstance(layers, str):
@@ -261,7 +275,7 @@ default="module"
                 layers_ = list(groups.values())
             else:
                 layers_ = [[name] for name in names]
-        elif all(isinstance(s, numbers.Integral) for s in layers):
+        elif all(V.is_int(s) for s in layers):
             sizes = [int(s) for s in layers]
             if sum(sizes) != self.n_features_in_:
                 raise ValueError(
@@ -272,7 +286,7 @@ default="module"
             layers_ = list(itertools.pairwise(itertools.accumulate(sizes, initial=0)))
         else:
             counts = Counter(name for group in layers for name in group)
-            unknown = [n for n in counts if n not in offsets]
+            unknown = [n for n in counts if n not in columns]
             repeated = [n for n, c in counts.items() if c > 1]
             missing = [n for n in names if n not in counts]
             if unknown or repeated or missing:
@@ -288,7 +302,7 @@ default="module"
 
         segments = []
         for layer in layers_:
-            parts = [layer] if isinstance(layer, tuple) else [offsets[n] for n in layer]
+            parts = [layer] if isinstance(layer, tuple) else [columns[n] for n in layer]
             merged: list[tuple[int, int]] = []
             for s, e in parts:
                 if merged and merged[-1][1] == s:
@@ -477,8 +491,7 @@ default="module"
 
     def _transform(self, V: torch.Tensor) -> torch.Tensor:
         # Half precisions store compactly but multiply in float32.
-        compute = V.dtype if V.dtype in (torch.float32, torch.float64) else torch.float32
-        V = V.to(compute)
+        V = V.to(matmul_dtype(V.dtype, stage="accumulate"))
         if len(getattr(self, "shard_sizes_", ())) > 1:
             return self._transform_sharded(V)
         if len(self._segments) == 1 and self._segments[0] == [(0, self.n_features_in_)]:
@@ -525,38 +538,31 @@ default="module"
 
     def _layer_correction(self, k: int, Vl: torch.Tensor) -> torch.Tensor:
         """``((V Gᵀ) * c) G`` over this rank's examples of layer ``k``, chunked."""
+        return self._accumulate(k, Vl, torch.zeros_like(Vl), alpha=1.0)
+
+    def _layer_ifvp(self, k: int, Vl: torch.Tensor) -> torch.Tensor:
+        """``(1/λ)(V − ((V Gᵀ) * c) G)`` for one layer, chunked over examples."""
+        acc = Vl.clone()  # Vl may be a view of the caller's input: never write to it
+        return self._accumulate(k, Vl, acc, alpha=-1.0).div_(self.damping_[k])
+
+    def _accumulate(self, k: int, Vl: torch.Tensor, acc: torch.Tensor, alpha: float):
+        """``acc += alpha ((V Gᵀ) * c) G`` over the kept examples of layer ``k``.
+
+        ``c_i = 1 / (n (λ + ‖g_i‖²))`` with ``n = n_samples_`` (over all ranks);
+        the examples go in chunks whose temporaries fit ``config.memory_budget``.
+        """
         G = self.train_gradients_[k]
         lam = self.damping_[k]
         rows, d = G.shape
         m = Vl.shape[0]
         c = (1.0 / (self.n_samples_ * (lam + self.train_sq_norms_[k]))).to(Vl.dtype)
-        itemsize = torch.finfo(Vl.dtype).bits // 8
-        per_example = itemsize * max(1, m + (d if G.dtype != Vl.dtype else 0))
-        chunk = max(1, min(rows, self._config.memory_budget // per_example))
-        acc = torch.zeros_like(Vl)
+        # Bytes per training example in a chunk: its column of the (m, chunk)
+        # coefficients, plus its upcast gradient row when G is stored in half.
+        per_example = itemsize(Vl.dtype) * max(1, m + (d if G.dtype != Vl.dtype else 0))
+        chunk = rows_within(self._config.memory_budget, per_example, rows)
         for s in range(0, rows, chunk):
             Gc = G[s : s + chunk].to(Vl.dtype)
             coef = Vl @ Gc.T
             coef.mul_(c[s : s + chunk])
-            acc.addmm_(coef, Gc)
+            acc.addmm_(coef, Gc, alpha=alpha)
         return acc
-
-    def _layer_ifvp(self, k: int, Vl: torch.Tensor) -> torch.Tensor:
-        """``(1/λ)(V − ((V Gᵀ) * c) G)`` for one layer, chunked over examples."""
-        G = self.train_gradients_[k]
-        lam = self.damping_[k]
-        n, d = G.shape
-        m = Vl.shape[0]
-        c = (1.0 / (n * (lam + self.train_sq_norms_[k]))).to(Vl.dtype)
-        itemsize = torch.finfo(Vl.dtype).bits // 8
-        # Bytes per training example in a chunk: its column of the (m, chunk)
-        # coefficients, plus its upcast gradient row when G is stored in half.
-        per_example = itemsize * max(1, m + (d if G.dtype != Vl.dtype else 0))
-        chunk = max(1, min(n, self._config.memory_budget // per_example))
-        acc = Vl.clone()  # Vl may be a view of the caller's input: never write to it
-        for s in range(0, n, chunk):
-            Gc = G[s : s + chunk].to(Vl.dtype)
-            coef = Vl @ Gc.T
-            coef.mul_(c[s : s + chunk])
-            acc.addmm_(coef, Gc, alpha=-1.0)
-        return acc.div_(lam)

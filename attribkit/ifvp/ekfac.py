@@ -2,10 +2,12 @@
 
 The whole data flow, from ``fit`` to ``transform``:
 
-1. ``_kfac_hooks`` finds the covered layers (``nn.Linear``, ``nn.Conv2d``) and,
-   per batch, captures each layer's input ``a`` ``(b, T, d_in)`` (ones column
-   for the bias, conv inputs unfolded) and output gradient ``s`` ``(b, T, d_out)``
-   of the SUM of per-example losses;
+1. :mod:`attribkit._compute.capture` finds the covered layers (its registry:
+   ``nn.Linear``, ``nn.Conv2d``) and, per batch of
+   :func:`attribkit._compute.targets.target_batches` (the targets of the
+   empirical, true or expected Fisher), captures each layer's input ``a``
+   ``(b, T, d_in)`` (ones column for the bias, conv inputs unfolded) and
+   output gradient ``s`` ``(b, T, d_out)`` of the SUM of per-example losses;
 2. pass 1 (``EKFACStatistics.update_covariances``): sums ``a^T a`` and
    ``s^T s`` over all rows (tokens, positions) and counts them;
    ``finish_covariances`` reduces sums and counts over processes, normalises
@@ -15,7 +17,9 @@ The whole data flow, from ``fit`` to ``transform``:
    ``Q_S^T (s_i^T a_i) Q_A``, squared and summed over examples (from pass 1's
    captured ``(a, s)`` when they fit ``config.memory_budget``, else from a
    second pass over the data);
-   ``finish_lambda`` reduces and normalises: ``Λ = E_i[(Q_S^T ∇W_i Q_A)^2]``;
+   ``finish_lambda`` reduces and normalises: ``Λ = E_i[(Q_S^T ∇W_i Q_A)^2]``
+   (both passes: :func:`fit_statistics`); a zero damping with entries of
+   ``Λ`` at rounding level is refused (:func:`check_lambda`);
 4. ``transform`` per layer: ``Q_S ((Q_S^T V Q_A) / (Λ + damping)) Q_A^T``.
 
 Statistics core (no hooks): ``EKFACStatistics`` and ``ekfac_apply``
@@ -32,53 +36,56 @@ Statistics core (no hooks): ``EKFACStatistics`` and ``ekfac_apply``
 ``finish_covariances(reducer=None)``
     Raises ``ValueError`` naming the layer and the first batch where a NaN or
     infinity appeared, before any eigendecomposition; all-reduces the raw sums
-    and counts with ``reducer.sum_`` (``attribkit._distributed.reducer``; once
-    for the pass), normalises, eigendecomposes. Afterwards ``Q_A[k]``,
+    and counts with ``reducer.sum_`` (:mod:`attribkit._compute.distributed`;
+    once for the pass), normalises, eigendecomposes. Afterwards ``Q_A[k]``,
     ``Q_S[k]``, ``eigvals_A[k]``, ``eigvals_S[k]`` (float64) are set.
 ``update_lambda(k, a, s, weights=None)`` / ``finish_lambda(reducer=None)``
     Pass 2, same shapes; returns the list of float64 ``Λ`` ``(d_out, d_in)``.
+``fit_statistics(stats, covariance_batches, lambda_batches, *, reducer, keep_budget)``
+    Both passes over batches of per-layer ``(a, s, weights)`` triples;
+    returns ``Λ``.
+``check_lambda(lam, damping, *, d, dtype, ...)``
+    The rounding floor ``(eps * d)^2 * max(Λ)`` below which an entry counts
+    as zero, and the error when the damping is 0.
 ``ekfac_apply(Q_S, Q_A, scale, X)``
     ``Q_S ((Q_S^T X Q_A) * scale) Q_A^T`` for ``X`` ``(m, d_out, d_in)``:
     ``scale = 1 / (Λ + damping)`` is the IFVP, ``Λ + damping`` the FVP.
 
-The functional ``ifvp_at_x_ekfac`` feeds the same core with the pairs an
-``MLPCache`` holds; there is no second implementation.
+The functional ``ifvp_at_x_ekfac`` feeds the same core (``fit_statistics``,
+``check_lambda``, ``ekfac_apply``) with the pairs an ``MLPCache`` holds;
+there is no second implementation.
 """
 
 from __future__ import annotations
 
 import math
-import numbers
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 
-from .. import _validation as V
-from .._data import iter_batches
-from .._distributed import reducer as make_reducer
-from .._gradients import (
-    _check_loss_output,
-    _EvalMode,
-    expected_targets,
-    model_device,
-    model_dtype,
-    resolve_loss,
-    sample_targets,
-)
+from .._compute import validation as V
+from .._compute.budget import rows_within
+from .._compute.capture import LayerCapture, param_layout, resolve_layers
+from .._compute.distributed import Reducer
+from .._compute.distributed import reducer as make_reducer
+from .._compute.model import EvalMode, call_model, model_device, model_dtype
+from .._compute.precision import F64 as _F64
+from .._compute.precision import itemsize, matmul_dtype
+from .._compute.targets import resolve_loss, target_batches
 from ..base import BaseEstimator
 from ..config import ComputeConfig
-from ._kfac_hooks import LayerCapture, call_model, param_layout, resolve_layers
 
-__all__ = ["EKFACIFVP", "EKFACStatistics", "ekfac_apply"]
+__all__ = [
+    "EKFACIFVP",
+    "EKFACStatistics",
+    "check_lambda",
+    "ekfac_apply",
+    "fit_statistics",
+]
 
-_F64 = torch.float64
 #: float32 partial sums are folded into the float64 totals after this many rows.
 _FOLD_ROWS = 1 << 14
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return dtype if dtype in (torch.float32, torch.float64) else torch.float32
 
 
 class _Sum:
@@ -170,7 +177,7 @@ class EKFACStatistics:
         self.dims = [(int(i), int(o)) for i, o in dims]
         self.names = list(names) if names is not None else [str(k) for k in range(len(dims))]
         self.device = torch.device(device)
-        self.dtype = _compute_dtype(dtype)
+        self.dtype = matmul_dtype(dtype, stage="accumulate")
         self.memory_budget = int(memory_budget)
         self.A = [_Sum((i, i), self.device, self.dtype, True) for i, _ in self.dims]
         self.S = [_Sum((o, o), self.device, self.dtype, True) for _, o in self.dims]
@@ -309,8 +316,7 @@ class EKFACStatistics:
         if rotate_first:
             a = torch.matmul(a, QA)
             s = torch.matmul(s, QS)
-        item = torch.finfo(self.dtype).bits // 8
-        chunk = max(1, min(b, self.memory_budget // (2 * item * d_out * d_in)))
+        chunk = rows_within(self.memory_budget, 2 * itemsize(self.dtype) * d_out * d_in, b)
         marker = out.new_zeros(())
         for kk in range(n_k):
             for start in range(0, b, chunk):
@@ -360,6 +366,67 @@ def _keep(kept, pairs, budget: int):
         return None  # stream pass 2 from the data instead
     batches.append(pairs)
     return batches, used
+
+
+def fit_statistics(
+    stats: EKFACStatistics,
+    covariance_batches: Iterable,
+    lambda_batches: Callable[[], Iterable],
+    *,
+    reducer: Reducer | None = None,
+    owner: str = "EKFACIFVP.fit",
+    keep_budget: int | None = None,
+) -> list[torch.Tensor]:
+    """EK-FAC's two passes over batches of per-layer ``(a, s, weights)`` triples; returns ``Λ``.
+
+    Pass 1 feeds ``covariance_batches`` to ``update_covariances`` and
+    finishes (reduce, normalise, eigendecompose); pass 2 feeds
+    ``lambda_batches()`` to ``update_lambda`` and returns ``finish_lambda``.
+    With ``keep_budget`` (bytes), pass 1's triples are kept while they fit
+    it and are pass 2's input instead of ``lambda_batches()`` (the same
+    numbers without running the model again). Each pass is a
+    :meth:`~attribkit._compute.distributed.Reducer.shard_pass` of
+    ``reducer`` (every rank raises if one fails; an empty shard is fine).
+    Used by :class:`EKFACIFVP` (hooked layers) and
+    :func:`attribkit.functional.ifvp_at_x_ekfac` (a user's cache).
+    """
+    red = Reducer(False) if reducer is None else reducer
+    kept = ([], 0) if keep_budget is not None else None
+    with red.shard_pass(f"{owner} (covariance pass)") as shard:
+        for triples in covariance_batches:
+            for k, (a, s, w) in enumerate(triples):
+                stats.update_covariances(k, a, s, w)
+            shard.count += int(triples[0][0].shape[0]) if triples else 1
+            kept = _keep(kept, triples, keep_budget)
+    stats.finish_covariances(red)
+    second = kept[0] if kept is not None else lambda_batches()
+    with red.shard_pass(f"{owner} (eigenvalue-correction pass)") as shard:
+        for triples in second:
+            for k, (a, s, w) in enumerate(triples):
+                stats.update_lambda(k, a, s, w)
+            shard.count += int(triples[0][0].shape[0]) if triples else 1
+    return stats.finish_lambda(red)
+
+
+def check_lambda(
+    lam: torch.Tensor, damping: float, *, d: int, dtype: torch.dtype, owner: str, layer: str,
+    note: str, advice: str,
+) -> None:  # fmt: skip
+    """Refuse a zero ``damping`` when ``Λ`` has entries that are zero to rounding.
+
+    ``Λ`` is a mean of squared rotated gradients: an entry that is zero in
+    exact arithmetic comes out at about ``(eps * d)^2 * max(Λ)``, ``d`` the
+    layer's larger side and ``eps`` that of ``dtype``, the precision the
+    products ran in; dividing by it would amplify noise. ``note`` says what
+    the damping was, ``advice`` what to do.
+    """
+    floor = (torch.finfo(dtype).eps * d) ** 2 * float(lam.max())
+    if damping == 0.0 and bool((lam <= floor).any()):
+        raise ValueError(
+            f"{owner} cannot invert {layer}: its eigenvalue correction Λ has zero entries (at "
+            f"or below the rounding level {floor:.3g}; smallest {float(lam.min()):.3g}, largest "
+            f"{float(lam.max()):.3g}) and the damping is 0 ({note}). {advice}"
+        )
 
 
 class EKFACIFVP(BaseEstimator):
@@ -560,14 +627,7 @@ class EKFACIFVP(BaseEstimator):
 
     # ------------------------------------------------------------------ params
     def _check_params(self) -> None:
-        if isinstance(self.damping, str):
-            if self.damping != "auto":
-                raise V.param_error(self, "damping", "a float >= 0 or 'auto'", self.damping)
-        else:
-            if isinstance(self.damping, bool) or not isinstance(self.damping, numbers.Real):
-                raise V.param_error(self, "damping", "a float >= 0 or 'auto'", self.damping)
-            if not math.isfinite(float(self.damping)) or float(self.damping) < 0:
-                raise V.param_error(self, "damping", "a float >= 0 or 'auto'", self.damping)
+        V.check_damping(self, self.damping)
         if self.layers is not None and (
             isinstance(self.layers, str)
             or not all(isinstance(n, str) for n in self.layers)
@@ -583,13 +643,7 @@ class EKFACIFVP(BaseEstimator):
 
     # ------------------------------------------------------------------ fit
     def _fit_model(self, model, data, config: ComputeConfig) -> None:
-        if self.fisher in ("true", "expected") and callable(self.loss):
-            raise ValueError(
-                f"The 'fisher' parameter of EKFACIFVP is {self.fisher!r}, which takes targets "
-                "from the model's predictive distribution and is supported for "
-                "loss='cross_entropy' and loss='mse' only. Got the custom loss "
-                f"{self.loss!r}; use fisher='empirical'."
-            )
+        V.check_fisher_loss(self, self.fisher, self.loss)
         if isinstance(data, Iterator):
             raise ValueError(
                 "The 'data' argument of EKFACIFVP must allow two passes (covariances, then "
@@ -613,66 +667,50 @@ class EKFACIFVP(BaseEstimator):
         # ends with shard_pass (global count; every rank raises if one failed;
         # an empty shard is fine) and finish_* reduces the raw sums once.
         red = make_reducer(config, "EKFACIFVP.fit", device=device)
-        kept = ([], 0)  # pass 1's batches while they fit the budget, and their bytes
-        with _EvalMode(model), LayerCapture(model, layers, self) as capture:
-            with red.shard_pass("EKFACIFVP.fit (covariance pass)") as shard:
-                for pairs in self._batches(
-                    model, data, capture, config, device, dtype, "covariances"
-                ):
-                    for k, (a, s, w) in enumerate(pairs):
-                        stats.update_covariances(k, a, s, w)
-                    shard.count += int(pairs[0][0].shape[0]) if pairs else 1
-                    kept = _keep(kept, pairs, config.memory_budget)
-            stats.finish_covariances(red)
+        with EvalMode(model), LayerCapture(model, layers, self) as capture:
+
+            def stream(stage):
+                return self._batches(model, data, capture, config, device, dtype, stage)
+
             # The captured (a, s) of pass 1, when they fit config.memory_budget,
             # are pass 2's input: the same numbers without running the model again.
-            if kept is not None:
-                second = kept[0]
-            else:
-                stage = "eigenvalue correction"
-                second = self._batches(model, data, capture, config, device, dtype, stage)
-            with red.shard_pass("EKFACIFVP.fit (eigenvalue-correction pass)") as shard:
-                for pairs in second:
-                    for k, (a, s, w) in enumerate(pairs):
-                        stats.update_lambda(k, a, s, w)
-                    shard.count += int(pairs[0][0].shape[0]) if pairs else 1
-            lambdas = stats.finish_lambda(red)
+            lambdas = fit_statistics(
+                stats, stream("covariances"), lambda: stream("eigenvalue correction"),
+                reducer=red, keep_budget=config.memory_budget,
+            )  # fmt: skip
         self._store(stats, lambdas, layers)
 
     def _batches(self, model, data, capture, config, device, dtype, stage):
         """Per batch: one ``(a, s, weights)`` per layer (weights None unless expected)."""
         loss_fn = resolve_loss(self.loss, self)
-        checked = False
-        batches = iter_batches(data, config, device=device, dtype=dtype, desc=f"EKFACIFVP {stage}")
-        for index, (inputs, targets) in enumerate(batches):
-            if self.max_batches is not None and index >= self.max_batches:
-                break
+
+        def forward(inputs):
+            with torch.enable_grad():  # the output gradients need a graph, even under no_grad
+                return call_model(model, inputs)
+
+        batches = target_batches(
+            data, loss=self.loss, fisher=self.fisher, call=forward, config=config, owner=self,
+            device=device, dtype=dtype, desc=f"EKFACIFVP {stage}", always_call=True,
+            max_batches=self.max_batches, describe_first_failure=False,
+        )  # fmt: skip
+        for tb in batches:
             with torch.enable_grad():
-                outputs = call_model(model, inputs)
-                if not isinstance(outputs, torch.Tensor):
-                    raise ValueError(
-                        "The model given to EKFACIFVP must return a tensor of outputs for the "
-                        f"loss. Got {type(outputs).__name__}."
-                    )
-                if not checked:
-                    _check_loss_output(loss_fn, outputs.detach(), targets, self)
-                    checked = True
-                if self.fisher == "expected":
-                    all_targets, weights = expected_targets(outputs, self.loss)
-                    K = all_targets.shape[0]
-                    per_target = []
-                    for k in range(K):
-                        loss = loss_fn(outputs, all_targets[k]).sum()
-                        per_target.append(capture.backward(loss, retain_graph=k < K - 1))
-                    yield [
-                        (per_target[0][j][0], torch.stack([p[j][1] for p in per_target]), weights)
-                        for j in range(len(per_target[0]))
-                    ]
+                if tb.weights is None:
+                    # The sum of per-example losses: s is each example's own gradient.
+                    pairs = capture.backward(loss_fn(tb.outputs, tb.targets).sum())
+                    yield [(a, s, None) for a, s in pairs]
                     continue
-                if self.fisher == "true":
-                    targets = sample_targets(outputs, self.loss)
-                pairs = capture.backward(loss_fn(outputs, targets).sum())
-            yield [(a, s, None) for a, s in pairs]
+                K = tb.targets.shape[0]
+                per_target = [
+                    capture.backward(
+                        loss_fn(tb.outputs, tb.targets[k]).sum(), retain_graph=k < K - 1
+                    )
+                    for k in range(K)
+                ]
+            yield [
+                (per_target[0][j][0], torch.stack([p[j][1] for p in per_target]), tb.weights)
+                for j in range(len(per_target[0]))
+            ]
 
     def _store(self, stats: EKFACStatistics, lambdas, layers) -> None:
         device, dtype = self._device, self._config.torch_dtype
@@ -682,20 +720,13 @@ class EKFACIFVP(BaseEstimator):
                 value = 0.1 * float(lam.mean())
             else:
                 value = float(self.damping)
-            # Λ is a mean of squared rotated gradients: an entry that is zero in
-            # exact arithmetic comes out at about (eps * d)^2 * max(Λ), d the
-            # layer's larger side, eps that of the precision the products ran in.
-            d = max(stats.dims[len(damping)])
-            floor = (torch.finfo(stats.dtype).eps * d) ** 2 * float(lam.max())
-            if value == 0.0 and bool((lam <= floor).any()):
-                raise ValueError(
-                    f"EKFACIFVP cannot invert layer {name!r}: its eigenvalue correction Λ has "
-                    f"zero entries (at or below the rounding level {floor:.3g}; smallest "
-                    f"{float(lam.min()):.3g}, largest {float(lam.max()):.3g}) and the damping "
-                    f"is 0 (damping={self.damping!r}; 'auto' is 0.1 x mean(Λ), which is 0 when "
-                    "the layer's gradients are all zero). Pass a float damping > 0, or leave "
-                    "the layer out (layers=[...])."
-                )
+            check_lambda(
+                lam, value, d=max(stats.dims[len(damping)]), dtype=stats.dtype, owner="EKFACIFVP",
+                layer=f"layer {name!r}",
+                note=f"damping={self.damping!r}; 'auto' is 0.1 x mean(Λ), which is 0 when the "
+                "layer's gradients are all zero",
+                advice="Pass a float damping > 0, or leave the layer out (layers=[...]).",
+            )  # fmt: skip
             damping.append(value)
         self.damping_ = damping
         self.n_samples_ = int(stats.lambda_examples[0]) if stats.lambda_examples else 0
@@ -730,7 +761,7 @@ class EKFACIFVP(BaseEstimator):
 
     @property
     def _work_dtype(self) -> torch.dtype:
-        return _compute_dtype(self._config.torch_dtype)
+        return matmul_dtype(self._config.torch_dtype, self._device, stage="accumulate")
 
     def _transform(self, V: torch.Tensor) -> torch.Tensor:
         return self._apply_blocks(V, inverse=False)
@@ -760,7 +791,6 @@ class EKFACIFVP(BaseEstimator):
         m = V.shape[0]
         out = torch.empty_like(V)
         start = 0
-        item = torch.finfo(work).bits // 8
         for k, (_, bias_name, wshape, d_in, d_out) in enumerate(self._blocks):
             name = self.layers_[k]
             QA = self.input_eigenvectors_[name].to(work)
@@ -769,7 +799,7 @@ class EKFACIFVP(BaseEstimator):
             n_w = math.prod(wshape)
             size = n_w + (d_out if bias_name is not None else 0)
             # Two (chunk, d_out, d_in) temporaries at a time.
-            chunk = max(1, min(m, self._config.memory_budget // (2 * item * d_out * d_in)))
+            chunk = rows_within(self._config.memory_budget, 2 * itemsize(work) * d_out * d_in, m)
             for r in range(0, m, chunk):
                 block = V[r : r + chunk, start : start + size]
                 c = block.shape[0]

@@ -15,45 +15,22 @@ The whole data flow, from ``fit`` to ``transform``:
 
 from __future__ import annotations
 
-import os
-
 import torch
-from tqdm.auto import tqdm
 
-from .. import _validation as V
-from .._distributed import Reducer, reducer
-from .._gradients import iter_gradients, param_shapes, select_params
-from .._vectors import flatten_dict
+from .._compute import budget, progress
+from .._compute import validation as V
+from .._compute.distributed import Reducer, reducer
+from .._compute.gradients import iter_gradients
+from .._compute.model import param_shapes, select_params
+from .._compute.precision import EPS64 as _EPS64
+from .._compute.precision import F64 as _F64
+from .._compute.vectors import flatten_dict
 from ..base import BaseEstimator
 from ..config import ComputeConfig
 
 __all__ = ["ExplicitIFVP"]
 
 _SOLVERS = ("auto", "cholesky", "woodbury")
-_F64 = torch.float64
-_EPS64 = torch.finfo(_F64).eps
-
-
-def _available_memory(device: torch.device) -> int:
-    """Bytes that can be allocated on ``device`` now (0 when unknown).
-
-    CPU: ``MemAvailable`` of ``/proc/meminfo`` (free memory plus reclaimable
-    page cache), else ``os.sysconf`` free pages. CUDA: the free memory that
-    the driver reports.
-    """
-    if device.type == "cuda":
-        return int(torch.cuda.mem_get_info(device)[0])
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        return int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
-    except (AttributeError, ValueError, OSError):
-        return 0
 
 
 def _dense_bytes(p: int) -> int:
@@ -64,26 +41,6 @@ def _dense_bytes(p: int) -> int:
 def _kernel_bytes(n: int, p: int) -> int:
     # float64 kept gradients, plus the n x n kernel and its Cholesky factor.
     return 8 * n * p + 2 * 8 * n * n
-
-
-def _gib(nbytes: float) -> str:
-    return f"{nbytes / 2**30:.3g} GiB"
-
-
-class _stage:
-    """A one-step progress bar (``config.progress``) around a long single call."""
-
-    def __init__(self, est, desc: str):
-        self.bar = tqdm(total=1, desc=desc, disable=not est._config.show_progress, leave=False)
-
-    def __enter__(self):
-        self.bar.refresh()
-        return self
-
-    def __exit__(self, *exc):
-        if exc[0] is None:
-            self.bar.update(1)
-        self.bar.close()
 
 
 class ExplicitIFVP(BaseEstimator):
@@ -293,12 +250,7 @@ class ExplicitIFVP(BaseEstimator):
 
     # ------------------------------------------------------------------ params
     def _check_params(self) -> None:
-        if not (isinstance(self.damping, str) and self.damping == "auto"):
-            try:
-                V.check_float(self, "damping", self.damping, minimum=0.0)
-            except ValueError:
-                expected = "a float >= 0 or 'auto'"
-                raise V.param_error(self, "damping", expected, self.damping) from None
+        V.check_damping(self, self.damping)
         V.check_option(self, "solver", self.solver, _SOLVERS)
         V.check_fisher(self, self.fisher)
         V.check_loss(self, self.loss)
@@ -312,14 +264,7 @@ class ExplicitIFVP(BaseEstimator):
 
     # ------------------------------------------------------------------ fit
     def _fit_model(self, model, data, config: ComputeConfig) -> None:
-        if self.fisher in ("true", "expected") and callable(self.loss):
-            how = "samples targets from" if self.fisher == "true" else "takes the expectation over"
-            raise ValueError(
-                f"The 'fisher' parameter of ExplicitIFVP is {self.fisher!r}, which {how} "
-                "the model's predictive distribution and is supported for "
-                "loss='cross_entropy' and loss='mse' only. "
-                f"Got the custom loss {self.loss!r}; use fisher='empirical'."
-            )
+        V.check_fisher_loss(self, self.fisher, self.loss)
         shapes = param_shapes(select_params(model, self.params, self))
         self._set_layout(shapes)
         self._from_model = True
@@ -363,18 +308,22 @@ class ExplicitIFVP(BaseEstimator):
             chunks = [(G.to(_F64, copy=True), n)]  # the kept state itself, in one piece
         else:
             # Chunks keep the float64 copy of a low-precision G within the budget.
-            rows = max(1, min(n, config.memory_budget // (8 * p)))
+            rows = budget.rows_within(config.memory_budget, 8 * p, n)
             chunks = (
                 (G[s : s + rows].to(_F64, copy=True), min(rows, n - s)) for s in range(0, n, rows)
             )
-            chunks = tqdm(
+            chunks = progress.bar(
                 chunks,
                 total=-(-n // rows),
                 desc="ExplicitIFVP Fisher",
-                disable=not config.show_progress or n <= rows,
-                leave=False,
+                enabled=config.show_progress,
+                several=True,
             )
         self._fit_chunks(chunks, n, limit)
+
+    @property
+    def _show(self) -> bool:
+        return self._config.show_progress
 
     def _nominal_damping(self) -> float:
         """``damping`` before fit; ``"auto"`` counts as positive (its value comes later)."""
@@ -395,7 +344,7 @@ class ExplicitIFVP(BaseEstimator):
         return self.damping_
 
     def _memory_limit(self) -> tuple[int, int]:
-        return (self._config.memory_budget, _available_memory(self._device))
+        return budget.memory_limit(self._config.memory_budget, self._device)
 
     def _fit_chunks(
         self, chunks, n: int | None, limit: tuple[int, int], red: Reducer | None = None
@@ -471,9 +420,9 @@ class ExplicitIFVP(BaseEstimator):
         ``limit`` is ``(memory_budget, available bytes)``; a form fits when it
         needs no more than the larger of the two.
         """
-        damping, cap = self._nominal_damping(), max(limit)
-        dense, kernel = _dense_bytes(p), _kernel_bytes(n, p)
-        dense_fits, kernel_fits = dense <= cap, damping > 0 and kernel <= cap
+        damping, dense, kernel = self._nominal_damping(), _dense_bytes(p), _kernel_bytes(n, p)
+        dense_fits = budget.fits(dense, limit)
+        kernel_fits = damping > 0 and budget.fits(kernel, limit)
         if self.solver == "cholesky" and dense_fits:
             return "cholesky"
         if self.solver == "woodbury" and kernel_fits:
@@ -488,14 +437,13 @@ class ExplicitIFVP(BaseEstimator):
         raise self._memory_error(n, p, limit)
 
     def _memory_error(self, n: int, p: int, limit: tuple[int, int]) -> ValueError:
-        budget, available = limit
         dense = (
-            f"solver='cholesky' needs 16 * p^2 = {_gib(_dense_bytes(p))} for the float64 "
+            f"solver='cholesky' needs 16 * p^2 = {budget.gib(_dense_bytes(p))} for the float64 "
             f"{p} x {p} Fisher and its Cholesky factor (p = n_features = {p})"
         )
         kernel = (
-            f"solver='woodbury' needs 8 * n * p + 16 * n^2 = {_gib(_kernel_bytes(n, p))} for "
-            f"{n} kept float64 gradients and the {n} x {n} kernel factor"
+            f"solver='woodbury' needs 8 * n * p + 16 * n^2 = {budget.gib(_kernel_bytes(n, p))} "
+            f"for {n} kept float64 gradients and the {n} x {n} kernel factor"
         )
         if self.solver == "cholesky":
             what, advice = dense, "Use solver='woodbury' with damping > 0 when n_samples < p, "
@@ -506,18 +454,13 @@ class ExplicitIFVP(BaseEstimator):
         else:
             what = dense
             advice = "Use damping > 0 (which allows solver='woodbury' when n_samples < p), "
-        return ValueError(
-            f"ExplicitIFVP cannot fit in memory: {what}; the limit is the larger of "
-            f"config.memory_budget ({_gib(budget)}) and the memory available on "
-            f"{self._device} ({_gib(available)}). {advice}"
-            + (
-                "fewer parameters (params=[...]), or raise config.memory_budget."
-                if getattr(self, "_from_model", False)
-                # Array mode: the features are the user's; params= means nothing here.
-                else "fewer features (e.g. a RandomProjector first), or raise "
-                "config.memory_budget."
-            )
+        advice += (
+            "fewer parameters (params=[...]), or raise config.memory_budget."
+            if getattr(self, "_from_model", False)
+            # Array mode: the features are the user's; params= means nothing here.
+            else "fewer features (e.g. a RandomProjector first), or raise config.memory_budget."
         )
+        return budget.memory_error("ExplicitIFVP", what, limit, self._device, advice)
 
     def _singular_error(self, detail: str, scale: float) -> ValueError:
         used = getattr(self, "damping_", self._nominal_damping())
@@ -563,7 +506,7 @@ class ExplicitIFVP(BaseEstimator):
                 detail += f" and damping is at its rounding level ({floor:.3g})"
             raise self._singular_error(detail, scale)
         F.diagonal().add_(damping)
-        with _stage(self, f"ExplicitIFVP: Cholesky of the {p} x {p} Fisher"):
+        with progress.stage(f"ExplicitIFVP: Cholesky of the {p} x {p} Fisher", self._show):
             self.cholesky_ = self._cholesky(F, scale)
         self.gradients_ = None
 
@@ -585,7 +528,7 @@ class ExplicitIFVP(BaseEstimator):
             )
             raise self._singular_error(detail, scale)
         K.diagonal().add_(n * damping)
-        with _stage(self, f"ExplicitIFVP: Cholesky of the {rows} x {rows} kernel"):
+        with progress.stage(f"ExplicitIFVP: Cholesky of the {rows} x {rows} kernel", self._show):
             self.cholesky_ = self._cholesky(K, scale)
         self.gradients_ = G
 

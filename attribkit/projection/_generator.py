@@ -95,13 +95,24 @@ import sys
 
 import torch
 
-__all__ = ["PROJ_TYPES", "dense_block", "sjlt_indices", "Projection"]
+from .._compute.budget import rows_within
+from .._compute.precision import FLOAT_DTYPES, itemsize, matmul_dtype
+from .._compute.progress import bar as progress_bar
+
+__all__ = [
+    "GAMMA",
+    "MASK64",
+    "PROJ_TYPES",
+    "Projection",
+    "dense_block",
+    "mix64",
+    "sjlt_indices",
+]
 
 PROJ_TYPES = ("rademacher", "normal", "sjlt")
 
-_MASK64 = (1 << 64) - 1
-_HALF_TYPES = (torch.float16, torch.bfloat16)
-_FLOAT_TYPES = (torch.float32, torch.float64, *_HALF_TYPES)
+#: Words are 64-bit: Python ints are reduced with this mask.
+MASK64 = (1 << 64) - 1
 
 # Number of 64-bit words hashed per sub-block: 2**18 words = 2 MiB per int64
 # buffer.  Measured sweet spot between cache residency and per-op overhead.
@@ -116,25 +127,25 @@ if sys.byteorder != "little":  # pragma: no cover - no big-endian torch targets
 
 def _wrap(c: int) -> int:
     """Python int -> the signed int64 with the same low 64 bits."""
-    c &= _MASK64
+    c &= MASK64
     return c - (1 << 64) if c >= (1 << 63) else c
 
 
-_GAMMA = 0x9E3779B97F4A7C15  # SplitMix64 increment (odd => c -> c*GAMMA bijective)
+GAMMA = 0x9E3779B97F4A7C15  # SplitMix64 increment (odd => c -> c*GAMMA bijective)
 _M1 = 0xBF58476D1CE4E5B9  # SplitMix64 finaliser multipliers (Stafford Mix13)
 _M2 = 0x94D049BB133111EB
-_GAMMA_S = _wrap(_GAMMA)
-_GAMMA_ROW_S = _wrap(_GAMMA << 32)  # GAMMA * 2**32: row stride of the counter
+_GAMMA_S = _wrap(GAMMA)
+_GAMMA_ROW_S = _wrap(GAMMA << 32)  # GAMMA * 2**32: row stride of the counter
 _M1_S = _wrap(_M1)
 _M2_S = _wrap(_M2)
 _TYPE_CODES = {"rademacher": 1, "normal": 2, "sjlt": 3}
 
 
-def _mix64_int(z: int) -> int:
-    """SplitMix64 finaliser on Python ints (used for keys only)."""
-    z &= _MASK64
-    z = ((z ^ (z >> 30)) * _M1) & _MASK64
-    z = ((z ^ (z >> 27)) * _M2) & _MASK64
+def mix64(z: int) -> int:
+    """SplitMix64 finaliser on Python ints (keys and derived seeds; a bijection of words)."""
+    z &= MASK64
+    z = ((z ^ (z >> 30)) * _M1) & MASK64
+    z = ((z ^ (z >> 27)) * _M2) & MASK64
     return z ^ (z >> 31)
 
 
@@ -145,9 +156,9 @@ def _key(seed: int, proj_type: str, sparsity: int) -> int:
     # Dense matrices do not depend on sparsity: keep them identical whatever
     # sparsity value a caller passes along.
     s = int(sparsity) if proj_type == "sjlt" else 0
-    k = _mix64_int(int(seed) & _MASK64)
-    k = _mix64_int(k + _TYPE_CODES[proj_type] * _GAMMA)
-    k = _mix64_int(k + s * _GAMMA)
+    k = mix64(int(seed) & MASK64)
+    k = mix64(k + _TYPE_CODES[proj_type] * GAMMA)
+    k = mix64(k + s * GAMMA)
     return _wrap(k)
 
 
@@ -224,17 +235,9 @@ def _table(
     return tab.to(compute).to(device)
 
 
-def _compute_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
-    # CPU half/bfloat16 matmuls are slow and (for some builds) do not
-    # accumulate in fp32: compute in float32 on the half-rounded values.
-    if dtype in _HALF_TYPES and device.type == "cpu":
-        return torch.float32
-    return dtype
-
-
 def _check_dtype(dtype: torch.dtype) -> None:
-    if dtype not in _FLOAT_TYPES:
-        raise ValueError(f"dtype must be one of {_FLOAT_TYPES}, got {dtype}")
+    if dtype not in FLOAT_DTYPES:
+        raise ValueError(f"dtype must be one of {FLOAT_DTYPES}, got {dtype}")
 
 
 class _Workspace:
@@ -262,7 +265,7 @@ def _plan(proj_type: str, nr: int, k: int) -> tuple[int, int, int]:
         ng, per_idx = -(-k // 64), 8  # 1 hash = 8 bytes = 8 table rows of 8 signs
     else:
         ng, per_idx = -(-k // 4), 4  # 1 hash = 4 x 16-bit quantile indices
-    sub = max(1, min(nr, _HASH_WORDS // ng))
+    sub = rows_within(_HASH_WORDS, ng, nr)
     return ng, sub, per_idx
 
 
@@ -425,13 +428,9 @@ def _check_sjlt(sparsity: int, proj_dim: int) -> None:
         raise ValueError("sjlt block size must be < 2**31")
 
 
-def _blocks(steps: range, progress: bool, desc: str):
-    """``steps``, behind a progress bar when asked for and there are several."""
-    if not progress or len(steps) <= 1:
-        return steps
-    from tqdm.auto import tqdm
-
-    return tqdm(steps, desc=desc, leave=False)
+def _blocks(steps: range, enabled: bool, desc: str):
+    """``steps`` behind the progress bar, drawn when ``enabled`` and there are several."""
+    return progress_bar(steps, enabled=enabled, desc=desc, several=True)
 
 
 class Projection:
@@ -547,7 +546,7 @@ class Projection:
     # -- internals -------------------------------------------------------------
     @property
     def _compute(self) -> torch.dtype:
-        return _compute_dtype(self.dtype, self.device)
+        return matmul_dtype(self.dtype, self.device, stage="project")
 
     @property
     def _key(self) -> int:
@@ -563,13 +562,8 @@ class Projection:
     def _rows_per_block(self) -> int:
         if self._block_rows is not None:
             return max(1, int(self._block_rows))
-        item = torch.empty((), dtype=self._compute).element_size()
         cap = min(self.memory_budget // 4, _MAX_BLOCK_BYTES)
-        return max(1, cap // (self.proj_dim * item))
-
-    def _fits(self) -> bool:
-        item = torch.empty((), dtype=self._compute).element_size()
-        return self.n_features * self.proj_dim * item <= self.memory_budget
+        return rows_within(cap, self.proj_dim * itemsize(self._compute))
 
     def _workspace(self, rows: int) -> _Workspace:
         ng, sub, per_idx = _plan(self.proj_type, rows, self.proj_dim)
@@ -593,8 +587,7 @@ class Projection:
         projection regenerates only the rest (the budget is there to be used:
         at p=1e6, k=2048 a 2 GiB budget holds a quarter of the 8 GiB matrix).
         """
-        item = torch.empty((), dtype=self._compute).element_size()
-        row = self.proj_dim * item
+        row = self.proj_dim * itemsize(self._compute)
         if self.n_features * row <= self.memory_budget:
             return self.n_features
         step = self._rows_per_block()
@@ -708,7 +701,7 @@ class Projection:
 
     def _project_sjlt(self, X: torch.Tensor, progress: bool = False) -> torch.Tensor:
         cd, n, p, k, s = self._compute, X.shape[0], self.n_features, self.proj_dim, self.sparsity
-        item = torch.empty((), dtype=cd).element_size()
+        item = itemsize(cd)
         cacheable = p * s * 8 <= self.memory_budget // 2
         idx_all = self._sjlt_index() if cacheable else None
         same = X.dtype == cd and X.stride(1) == 1
@@ -718,7 +711,7 @@ class Projection:
             # Feature chunks: a converted slice of X (n*fc*item) plus, when the
             # index is not cached, its hashing temporaries (~3 int64 per entry).
             per_feature = (0 if same else n * item) + (0 if cacheable else 24 * s)
-            fc = max(1, min(p, (self.memory_budget // 4) // per_feature))
+            fc = rows_within(self.memory_budget // 4, per_feature, p)
         key = self._key
         # Signs are folded into the index: column 2j accumulates +x, 2j+1
         # accumulates -x, so no signed copy of X is ever materialised.

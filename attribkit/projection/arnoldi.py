@@ -4,7 +4,7 @@ The whole data flow, from ``fit`` to ``transform``:
 
 1. a symmetric curvature-vector product ``matvec: (p,) -> (p,)`` is set up:
    Hessian-vector products of the mean loss streamed over the data
-   (:class:`attribkit._gradients.MeanLossHVP`, model mode) or
+   (:class:`attribkit._compute.curvature.MeanLossHVP`, model mode) or
    ``v -> G^T (G v) / n + damping v`` (:func:`gram_matvec`, array mode);
 2. :func:`lanczos` runs the Lanczos iteration with full
    re-orthogonalisation from a start vector drawn from ``seed`` (float64, on
@@ -46,13 +46,16 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
-from tqdm.auto import tqdm
 
-from .. import _validation as V
-from .._gradients import HVP_MODES, MeanLossHVP
+from .._compute import validation as V
+from .._compute.budget import check_fits, rows_within
+from .._compute.curvature import HVP_MODES, MeanLossHVP
+from .._compute.precision import EPS64 as _EPS64
+from .._compute.precision import F64 as _F64
+from .._compute.precision import matmul_dtype
+from .._compute.progress import bar as progress_bar
 from ..base import BaseEstimator
 from ..config import ComputeConfig
-from ..ifvp.explicit import _available_memory
 
 __all__ = [
     "ArnoldiProjector",
@@ -62,9 +65,6 @@ __all__ = [
     "lanczos",
     "ritz_pairs",
 ]
-
-_F64 = torch.float64
-_EPS64 = torch.finfo(_F64).eps
 
 
 class LanczosResult(NamedTuple):
@@ -148,7 +148,7 @@ def lanczos(
     device : torch.device or str, optional
         Where the basis lives (default CPU).
     progress : bool, default=False
-        A tqdm bar over the iterations.
+        A progress bar over the iterations.
     desc : str
         The bar's label.
     owner : str or estimator
@@ -191,13 +191,13 @@ def lanczos(
     alpha: list[float] = []
     beta: list[float] = []
     scale, invariant = 0.0, m == p
-    with tqdm(total=m, desc=desc, disable=not progress, leave=False) as bar:
+    with progress_bar(total=m, desc=desc, enabled=progress) as bar:
         for j in range(m):
             w = matvec(Q[j])
             if not isinstance(w, torch.Tensor) or w.shape != (p,):
                 shape = tuple(w.shape) if isinstance(w, torch.Tensor) else type(w).__name__
                 raise ValueError(
-                    f"{V._owner(owner)}: the curvature-vector product must return a ({p},) "
+                    f"{V.owner_name(owner)}: the curvature-vector product must return a ({p},) "
                     f"tensor. Got {shape}."
                 )
             # A copy: w is updated in place and may alias the input or matvec's state.
@@ -205,7 +205,7 @@ def lanczos(
             norm = float(torch.linalg.vector_norm(w))
             if not math.isfinite(norm):
                 raise ValueError(
-                    f"{V._owner(owner)}: the curvature-vector product at iteration {j + 1} is "
+                    f"{V.owner_name(owner)}: the curvature-vector product at iteration {j + 1} is "
                     "not finite (NaN or infinity): the loss, model outputs or data overflow "
                     "or contain NaN."
                 )
@@ -310,7 +310,7 @@ def eigenpairs(
     n_zero = int((~keep).sum())
     if not bool(keep.any()):
         raise ValueError(
-            f"{V._owner(owner)}: the curvature is zero to rounding on its Krylov space "
+            f"{V.owner_name(owner)}: the curvature is zero to rounding on its Krylov space "
             f"({result.n_iter} iteration(s), largest |eigenvalue| {float(values.abs().max()):.3g}"
             "): there is no eigenpair to invert. Use damping > 0, or check that the loss "
             "depends on the parameters."
@@ -329,7 +329,7 @@ def gram_matvec(G: torch.Tensor, damping: float = 0.0, memory_budget: int = 2**3
     damping = float(damping)
     if G.dtype != _F64 and 8 * n * p <= memory_budget:
         G = G.to(_F64)
-    rows = n if G.dtype == _F64 else max(1, memory_budget // (8 * p))
+    rows = n if G.dtype == _F64 else rows_within(memory_budget, 8 * p, n)
 
     def matvec(v: torch.Tensor) -> torch.Tensor:
         v = v.to(device=G.device, dtype=_F64)
@@ -554,7 +554,7 @@ class ArnoldiProjector(BaseEstimator):
     def _check_params(self) -> None:
         V.check_int(self, "proj_dim", self.proj_dim, minimum=1)
         V.check_int(self, "max_iter", self.max_iter, minimum=1)
-        V.check_float(self, "damping", self.damping, minimum=0.0)
+        V.check_damping(self, self.damping, auto=False)
         V.check_float(self, "tol", self.tol, minimum=0.0)
         V.check_float(self, "norm_constant", self.norm_constant, minimum=0.0, strict=True)
         V.check_option(self, "mode", self.mode, HVP_MODES)
@@ -580,17 +580,11 @@ class ArnoldiProjector(BaseEstimator):
     def _solve(self, matvec, eps: float, config: ComputeConfig) -> None:
         p, owner = self.n_features_in_, type(self).__name__
         m = min(int(self.max_iter), p)
-        need, budget = 8 * m * p, config.memory_budget
-        if need > budget:
-            available = _available_memory(self._device)
-            if need > available:
-                raise ValueError(
-                    f"{owner} cannot fit in memory: its float64 Krylov basis of max_iter x p = "
-                    f"{m} x {p} needs {need / 2**30:.3g} GiB, more than config.memory_budget "
-                    f"({budget / 2**30:.3g} GiB) and the memory available on {self._device} "
-                    f"({available / 2**30:.3g} GiB). Use a smaller max_iter or fewer "
-                    "parameters (params=[...])."
-                )
+        check_fits(
+            8 * m * p, config.memory_budget, self._device, owner=owner,
+            what=f"its float64 Krylov basis of max_iter x p = {m} x {p}",
+            advice="Use a smaller max_iter or fewer parameters (params=[...]).",
+        )  # fmt: skip
         values, vectors, result, n_zero = eigenpairs(
             matvec, p, int(self.proj_dim), max_iter=int(self.max_iter), tol=float(self.tol),
             seed=int(self.seed), device=self._device, eps=eps, progress=config.show_progress,
@@ -629,7 +623,7 @@ class ArnoldiProjector(BaseEstimator):
 
     # ------------------------------------------------------------------ transform
     def _work(self, V: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        dtype = _F64 if V.dtype == _F64 else torch.float32
+        dtype = matmul_dtype(V.dtype, stage="accumulate")
         U = self.eigenvectors_.to(dtype)
         return V.to(dtype) @ U.T, U
 

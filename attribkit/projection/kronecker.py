@@ -15,24 +15,26 @@ The whole data flow:
 4. ``per_example_gradients(model, data, projector=kp)`` never forms ``W``:
    hooks capture each layer's inputs ``a`` ``(b, T, d_in)`` and output
    gradients ``s`` ``(b, T, d_out)``, and the projection is
-   ``sum_t (P_out^T s_t)(P_in^T a_t)^T`` per example (``_iter_projected``).
+   ``sum_t (P_out^T s_t)(P_in^T a_t)^T`` per example
+   (:meth:`KroneckerProjector.project_gradients`).
 """
 
 from __future__ import annotations
 
-import math
 from collections import OrderedDict
 
 import torch
 from sklearn.utils.validation import check_is_fitted
 
-from .. import _validation as V
-from .._data import iter_batches
-from .._gradients import _check_loss_output, _EvalMode, model_device, model_dtype, resolve_loss
+from .._compute import capture
+from .._compute import validation as V
+from .._compute.model import EvalMode, call_model, model_device, model_dtype
+from .._compute.precision import matmul_dtype
+from .._compute.targets import resolve_loss, target_batches
+from .._compute.vectors import offsets
 from ..base import BaseEstimator
 from ..config import ComputeConfig
-from ..ifvp import _kfac_hooks as hooks
-from ._generator import _GAMMA, _MASK64, PROJ_TYPES, Projection, _mix64_int
+from ._generator import GAMMA, MASK64, PROJ_TYPES, Projection, mix64
 
 __all__ = ["KroneckerProjector", "layer_seed"]
 
@@ -48,9 +50,9 @@ def layer_seed(seed: int, position: int, side: str) -> int:
     seed and ``proj_type``, so entry ``(i, j)`` of a layer's matrix is a pure
     function of ``(seed, proj_type, position, side, i, j)``.
     """
-    k = _mix64_int(int(seed) & _MASK64)
-    k = _mix64_int(k + _GAMMA * (int(position) + 1))
-    return _mix64_int(k + _GAMMA * _SIDES[side])
+    k = mix64(int(seed) & MASK64)
+    k = mix64(k + GAMMA * (int(position) + 1))
+    return mix64(k + GAMMA * _SIDES[side])
 
 
 class KroneckerProjector(BaseEstimator):
@@ -227,7 +229,7 @@ class KroneckerProjector(BaseEstimator):
     def _fit_model(self, model, data, config) -> None:
         # Only the structure of the model matters; data is ignored.
         # The layers exactly as EKFACIFVP resolves them (one capture module for both).
-        covered, skipped = hooks.resolve_layers(model, self.layers, self)
+        covered, skipped = capture.resolve_layers(model, self.layers, self)
         dims = OrderedDict()
         for layer in covered:
             d_out, d_in = layer.d_out, layer.d_in
@@ -242,7 +244,7 @@ class KroneckerProjector(BaseEstimator):
         self.layer_dims_ = dims
         self.proj_dim_ = int(sum(ko * ki for _, _, ko, ki in dims.values()))
         self._layer_params = [(layer.weight_name, layer.bias_name) for layer in covered]
-        self._set_layout(hooks.param_layout(covered))
+        self._set_layout(capture.param_layout(covered))
 
     # ------------------------------------------------------------ matrices
     def _init_transient(self) -> None:
@@ -250,10 +252,7 @@ class KroneckerProjector(BaseEstimator):
 
     @property
     def _compute_dtype(self) -> torch.dtype:
-        dtype = self._config.torch_dtype
-        if dtype in (torch.float16, torch.bfloat16) and self._device.type == "cpu":
-            return torch.float32  # half matmuls on the CPU: float32 on half-rounded entries
-        return dtype
+        return matmul_dtype(self._config.torch_dtype, self._device, stage="project")
 
     def _matrix(self, position: int, side: str, d: int, k: int) -> torch.Tensor:
         engine = Projection(
@@ -293,21 +292,17 @@ class KroneckerProjector(BaseEstimator):
         cd = self._compute_dtype
         X = X.to(cd)
         m = X.shape[0]
-        offsets, start = {}, 0
-        for name, shape in self.param_shapes_.items():
-            size = math.prod(shape)
-            offsets[name] = (start, start + size)
-            start += size
+        columns = offsets(self.param_shapes_)
         blocks = []
         for layer, (w_name, b_name) in zip(self.layers_, self._layer_params):
             d_out, d_in, k_out, k_in = self.layer_dims_[layer]
             P_in, P_out = self.matrices(layer)
-            w0, w1 = offsets[w_name]
+            w0, w1 = columns[w_name]
             d_w = d_in - (b_name is not None)
             W = X[:, w0:w1].reshape(m, d_out, d_w)
             bias = None
             if b_name is not None:
-                b0, b1 = offsets[b_name]
+                b0, b1 = columns[b_name]
                 bias = X[:, b0:b1]  # (m, d_out): the last column of W
             if k_in <= k_out:  # the cheaper order: shrink the input side first
                 Y = W @ P_in[:d_w]  # (m, d_out, k_in)
@@ -323,18 +318,40 @@ class KroneckerProjector(BaseEstimator):
         return torch.cat(blocks, dim=1)
 
     # ------------------------------------------------------------ hook path
-    def _iter_projected(self, model, data, *, loss, params, config):
+    def project_gradients(self, model, data, *, loss="cross_entropy", params=None, config=None):
         """Projected per-example gradients batch by batch, from layer hooks.
 
-        Validates at once (fitted, model matches the layout, ``params``), then
-        returns ``(batches, proj_dim_)`` where ``batches`` yields ``(b,
-        proj_dim_)`` tensors. Per batch: one forward pass with the capture
-        hooks, the sum of the per-example losses, one backward pass to the
-        layer outputs (``torch.autograd.grad``: no ``.grad`` is touched and no
-        weight gradient is computed), then per layer ``sum_t (s_t P_out)^T
-        (a_t P_in)``.
+        Overrides :meth:`attribkit.BaseEstimator.project_gradients`: the
+        per-example gradients are never formed. Validates at once (fitted,
+        the model matches the layout, ``params``), then returns ``(batches,
+        proj_dim_)`` where ``batches`` yields ``(b, proj_dim_)`` tensors. Per
+        batch: one forward pass with the capture hooks, the sum of the
+        per-example losses, one backward pass to the layer outputs
+        (``torch.autograd.grad``: no ``.grad`` is touched and no weight
+        gradient is computed), then per layer ``sum_t (s_t P_out)^T (a_t P_in)``.
+
+        Parameters
+        ----------
+        model : torch.nn.Module
+            A model with the covered layers, of the fitted shapes.
+        data : DataLoader, Dataset, tuple (inputs, targets) or iterable of batches
+            The examples.
+        loss : {"cross_entropy", "mse"} or callable, default="cross_entropy"
+            The per-example loss.
+        params : list of str, optional
+            None, or the covered parameters (``param_shapes_``, any order).
+        config : ComputeConfig, optional
+            ``batch_size`` and progress of the pass; default the estimator's.
+
+        Returns
+        -------
+        batches : iterator of torch.Tensor
+            ``(b, proj_dim_)`` per batch.
+        k : int
+            ``proj_dim_``.
         """
         check_is_fitted(self)
+        config = V.check_config(self, self._config if config is None else config)
         loss_fn = resolve_loss(loss, "per_example_gradients")
         if params is not None and set(params) != set(self.param_shapes_):
             raise ValueError(
@@ -344,13 +361,13 @@ class KroneckerProjector(BaseEstimator):
             )
         # The same modules on the model given now.
         try:
-            covered, _ = hooks.resolve_layers(model, self.layers_, self)
+            covered, _ = capture.resolve_layers(model, self.layers_, self)
         except ValueError as exc:
             raise ValueError(
                 "The model given to per_example_gradients does not match the layers the "
                 f"KroneckerProjector was fitted on ({self.layers_}): {exc}"
             ) from exc
-        layout = hooks.param_layout(covered)
+        layout = capture.param_layout(covered)
         if layout != self.param_shapes_:
             fitted = dict(self.param_shapes_)
             wrong = {k: (fitted.get(k), s) for k, s in layout.items() if fitted.get(k) != s}
@@ -358,25 +375,27 @@ class KroneckerProjector(BaseEstimator):
                 "The model given to per_example_gradients does not match the layout the "
                 f"KroneckerProjector was fitted on: {wrong} (fitted, model)."
             )
-        return self._projected_batches(model, covered, data, loss_fn, config), self.proj_dim_
+        return self._projected_batches(model, covered, data, loss, loss_fn, config), self.proj_dim_
 
-    def _projected_batches(self, model, covered, data, loss_fn, config):
-        device, dtype = model_device(model), model_dtype(model)
+    def _projected_batches(self, model, covered, data, loss, loss_fn, config):
         cd = self._compute_dtype
         mats = [self.matrices(layer) for layer in self.layers_]
-        checked = False
-        batches = iter_batches(data, config, device=device, dtype=dtype, desc="projections")
-        with _EvalMode(model), hooks.LayerCapture(model, covered, "per_example_gradients") as cap:
-            for inputs, targets in batches:
+
+        def forward(inputs):
+            with torch.enable_grad():
+                return call_model(model, inputs)
+
+        owner = "per_example_gradients"
+        batches = target_batches(
+            data, loss=loss, fisher="empirical", call=forward, config=config, owner=owner,
+            device=model_device(model), dtype=model_dtype(model), desc="projections",
+            always_call=True, describe_first_failure=False,
+        )  # fmt: skip
+        with EvalMode(model), capture.LayerCapture(model, covered, owner) as cap:
+            for tb in batches:
                 with torch.enable_grad():
-                    outputs = hooks.call_model(model, inputs)
-                    if not checked:
-                        _check_loss_output(
-                            loss_fn, outputs.detach(), targets, "per_example_gradients"
-                        )
-                        checked = True
                     # The sum of per-example losses: s is each example's own gradient.
-                    pairs = cap.backward(loss_fn(outputs, targets).sum())
+                    pairs = cap.backward(loss_fn(tb.outputs, tb.targets).sum())
                 blocks = []
                 for (a, s), (P_in, P_out) in zip(pairs, mats):
                     aP = a.to(device=self._device, dtype=cd) @ P_in  # (b, T, k_in)

@@ -1,4 +1,26 @@
-"""Johnson-Lindenstrauss random projection of gradient features."""
+"""Johnson-Lindenstrauss random projection of gradient features.
+
+The whole data flow, from ``fit`` to ``transform``:
+
+1. ``fit`` learns only a layout: the selected parameters of a model
+   (``params``; data is ignored) or the columns of an array or dict; it
+   checks the backend (``fast_jl`` needs CUDA, ``proj_dim % 512 == 0``, ...)
+   and sets ``proj_dim_``. No matrix is drawn;
+2. after ``fit`` (and after unpickling or ``to``) a
+   :class:`~attribkit.projection._generator.Projection` engine is built: it
+   holds the seed and the sizes, and generates rows ``[r0, r1)`` of the
+   ``(n_features, proj_dim)`` matrix on demand from a counter-based hash
+   (every entry a pure function of ``(seed, proj_type, sparsity, i, j)``);
+3. ``transform(X)`` (``BaseEstimator`` flattens dicts and casts to
+   ``config.dtype``) computes ``X @ R``: with the whole matrix cached when it
+   fits ``config.memory_budget``, else from the cached leading rows plus
+   blocks regenerated per call; ``"sjlt"`` scatters each feature into its
+   ``sparsity`` output coordinates (``index_add_``) without a dense matrix;
+   ``backend="fast_jl"`` calls TRAK's CUDA kernel instead;
+4. ``per_example_gradients(model, data, projector=rp)`` goes through the
+   default :meth:`~attribkit.BaseEstimator.project_gradients`: one batch of
+   per-example gradients at a time, each through ``transform``.
+"""
 
 from __future__ import annotations
 
@@ -9,8 +31,8 @@ import warnings
 import torch
 from sklearn.exceptions import DataDimensionalityWarning
 
-from .. import _validation as V
-from .._gradients import param_shapes, select_params
+from .._compute import validation as V
+from .._compute.model import param_shapes, select_params
 from ..base import BaseEstimator
 from ..config import ComputeConfig
 from ._generator import PROJ_TYPES, Projection
@@ -100,6 +122,9 @@ class RandomProjector(BaseEstimator):
         the dict's keys, or a single ``"features"`` entry for a plain array.
     backend_ : str
         The backend that runs ``transform`` (``"torch"`` or ``"fast_jl"``).
+    proj_dim_ : int
+        The output dimension ``k`` (``proj_dim``), the width of ``transform``'s
+        output, as ArnoldiProjector and KroneckerProjector name theirs.
 
     Notes
     -----
@@ -179,12 +204,16 @@ class RandomProjector(BaseEstimator):
     def _fit_model(self, model, data, config) -> None:
         # Only the layout of the selected parameters matters; data is ignored.
         self._set_layout(param_shapes(select_params(model, self.params, self)))
-        self._warn_dimensionality()
-        self._resolve_backend(config)
+        self._finish_fit(config)
 
     def _fit_array(self, G, config) -> None:
+        self._finish_fit(config)
+
+    def _finish_fit(self, config) -> None:
+        """What a fit sets once the layout is known, in either mode."""
         self._warn_dimensionality()
         self._resolve_backend(config)
+        self.proj_dim_ = int(self.proj_dim)
 
     def _warn_dimensionality(self) -> None:
         if self.proj_dim > self.n_features_in_:
@@ -193,12 +222,8 @@ class RandomProjector(BaseEstimator):
                 f"n_features < proj_dim ({self.n_features_in_} < {self.proj_dim}). The "
                 "dimensionality of the problem will not be reduced.",
                 DataDimensionalityWarning,
-                stacklevel=4,
+                stacklevel=5,  # the caller of fit
             )
-
-    @property
-    def _n_features_out(self) -> int:
-        return int(self.proj_dim)
 
     def _resolve_backend(self, config: ComputeConfig) -> None:
         device = config.torch_device

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from reference import assert_close
+from reference import assert_close, ekfac_factors, ekfac_ifvp
 from torch import nn
 
 from attribkit.config import ComputeConfig
@@ -48,12 +48,9 @@ def _cached(model):
 
 
 def _dense_ekfac(rows_a, rows_s, per_example, damping, V):
-    """EK-FAC from its definition: eigenbases of A and S, Λ of the rotated gradients."""
-    A = rows_a.T @ rows_a / rows_a.shape[0]
-    S = rows_s.T @ rows_s / rows_s.shape[0]
-    QA, QS = torch.linalg.eigh(A)[1], torch.linalg.eigh(S)[1]
-    lam = torch.stack([(QS.T @ G @ QA) ** 2 for G in per_example]).mean(0)
-    return QS @ ((QS.T @ V @ QA) / (lam + damping)) @ QA.T
+    """EK-FAC's IFVP of ``V`` from its definition (``reference``), one layer's truth."""
+    QS, QA, lam = ekfac_factors(rows_a, [rows_s], [torch.stack(per_example)])
+    return ekfac_ifvp(QS, QA, lam, damping, V)
 
 
 def _per_example_truth(model, X, Y, mask=None):

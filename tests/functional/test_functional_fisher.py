@@ -7,7 +7,7 @@ import types
 import pytest
 import torch
 from cases import classification_data, mlp
-from reference import assert_close
+from reference import assert_close, dense_datainf
 
 from attribkit.config import ComputeConfig
 from attribkit.functional import (
@@ -127,14 +127,6 @@ def test_ifvp_explicit_bad_input():
 
 
 # ------------------------------------------------------------------ DataInf
-def _dense_datainf(G: torch.Tensor, lam: float, v: torch.Tensor) -> torch.Tensor:
-    """DataInf's definition: ``(1/n) Σ_i (g_i g_iᵀ + λ I)⁻¹ v``, by dense solves."""
-    d = G.shape[1]
-    eye = torch.eye(d, dtype=D)
-    inv = sum(torch.linalg.inv(torch.outer(g, g) + lam * eye) for g in G) / G.shape[0]
-    return v @ inv.T
-
-
 def _mlp_case(n=15):
     model = mlp(d=4, hidden=3, out=3)
     X, y = classification_data(n=n, d=4, classes=3)
@@ -160,7 +152,7 @@ def test_ifvp_datainf_layer_map_matches_dense_truth_and_estimator():
     )
     for k, lam in enumerate([0.2, 0.5]):
         assert out[k].shape == v[k].shape
-        assert_close(out[k], _dense_datainf(G[k], lam, v[k]))
+        assert_close(out[k], dense_datainf(G[k], lam, v[k]))
     # The estimator in model mode ("module" layers = the same two layers) agrees.
     est = DataInfIFVP(damping=[0.2, 0.5], config=F64).fit(model, (X, y))
     assert_close(torch.cat(out, dim=1), est.transform(torch.cat(v, dim=1)))
@@ -185,7 +177,7 @@ def test_ifvp_datainf_seed_in_dims_example_and_one_vector_per_layer():
     v = torch.randn(15, dtype=D)
     out = ifvp_at_x_datainf(ce, 1, (0, None, 0), 0.1, X, W, y)((v,))
     assert out[0].shape == (15,)
-    assert_close(out[0], _dense_datainf(G, 0.1, v[None])[0])
+    assert_close(out[0], dense_datainf(G, 0.1, v[None])[0])
     # A one-tensor layer also takes vectors in the parameter's shape.
     out_shaped = ifvp_datainf(ce, 1, (0, None, 0), 0.1)((X, W, y), (v.reshape(3, 5),))
     assert out_shaped[0].shape == (3, 5)
@@ -202,7 +194,7 @@ def test_ifvp_datainf_default_regularization_is_the_automatic_damping():
     G = torch.func.vmap(torch.func.grad(ce), in_dims=(None, 0, 0))(params, X, y)
     G0 = torch.cat(G[:2], dim=1)
     lam0 = 0.1 * float(G0.square().sum(1).mean()) / G0.shape[1]
-    assert_close(out[0], _dense_datainf(G0, lam0, v[0]))
+    assert_close(out[0], dense_datainf(G0, lam0, v[0]))
 
 
 def test_ifvp_datainf_dict_parameters_like_named_parameters():

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from cases import classification_data, mlp
-from reference import assert_close, loop_per_example_gradients
+from reference import assert_close, dense_datainf, loop_per_example_gradients
 from sklearn.exceptions import NotFittedError
 
 import attribkit as ak
@@ -19,27 +19,12 @@ from attribkit.ifvp.datainf import DataInfIFVP
 F64 = ComputeConfig(dtype="float64", progress=False)
 
 
-def naive_datainf(G: torch.Tensor, damping: float, V: torch.Tensor) -> torch.Tensor:
-    """``(1/λ)(v − (1/n) Σ_i (g_iᵀv)/(λ+‖g_i‖²) g_i)``, one vector and one example at a time."""
-    G, V = G.double(), V.double()
-    n = G.shape[0]
-    out = torch.empty_like(V)
-    for j in range(V.shape[0]):
-        v = V[j]
-        total = torch.zeros_like(v)
-        for i in range(n):
-            g = G[i]
-            total += (g @ v) / (damping + g @ g) * g
-        out[j] = (v - total / n) / damping
-    return out
-
-
 def naive_layerwise(G, V, index_sets, dampings):
-    """Apply ``naive_datainf`` on each layer's coordinates (``index_sets``) of ``G`` and ``V``."""
+    """``dense_datainf`` on each layer's coordinates (``index_sets``) of ``G`` and ``V``."""
     out = torch.empty_like(V, dtype=torch.float64)
     for idx, lam in zip(index_sets, dampings):
         idx = torch.as_tensor(idx)
-        out[:, idx] = naive_datainf(G[:, idx], lam, V[:, idx])
+        out[:, idx] = dense_datainf(G[:, idx], lam, V[:, idx])
     return out
 
 
@@ -134,7 +119,7 @@ def test_array_mode_plain_array_is_one_layer():
     for layers in ("module", "parameter"):
         ifvp = DataInfIFVP(damping=0.2, layers=layers, config=F64).fit(G)
         assert ifvp.layers_ == [["features"]]
-        expected = naive_datainf(torch.from_numpy(G), 0.2, torch.from_numpy(V))
+        expected = dense_datainf(torch.from_numpy(G), 0.2, torch.from_numpy(V))
         assert_close(ifvp.transform(V), expected, rtol=1e-10)
 
 
@@ -163,7 +148,7 @@ def test_array_mode_dict_in_dict_out():
     # Lists of keys group them into one layer.
     both = DataInfIFVP(damping=0.4, layers=[["b", "a"]], config=F64).fit(X)
     assert both.layers_ == [["a", "b"]]
-    assert_close(both.transform(Vf), naive_datainf(G, 0.4, Vf), rtol=1e-10)
+    assert_close(both.transform(Vf), dense_datainf(G, 0.4, Vf), rtol=1e-10)
 
 
 def test_model_mode_equals_array_mode(mlp_case):
@@ -187,7 +172,7 @@ def test_params_restrict_the_layers(mlp_case):
     assert ifvp.layers_ == [["2.weight", "2.bias"]]
     G2 = G[:, 24:]
     V = torch.randn(2, 15, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
-    assert_close(ifvp.transform(V), naive_datainf(G2, ifvp.damping_[0], V), rtol=1e-10)
+    assert_close(ifvp.transform(V), dense_datainf(G2, ifvp.damping_[0], V), rtol=1e-10)
 
 
 @pytest.mark.parametrize("budget", [1, 8 * 4 * 5, 8 * 4 * 7 + 3])

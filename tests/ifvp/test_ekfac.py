@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from reference import assert_close
+from cases import PooledTokens, StridedConv, Zoo, case, mlp_case
+from reference import assert_close, ekfac_factors, ekfac_matrix
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -19,7 +20,7 @@ F64 = ak.ComputeConfig(dtype="float64", batch_size=5, progress=False)
 D64 = torch.float64
 
 
-# --------------------------------------------------------------------------- dense truth
+# ---------------------------------------------------------------- dense truth (reference.py)
 def layer_matrix(G, weight, bias):
     """Per-example gradient matrices ``(n, d_out, d_in)`` (bias as the last column)."""
     n = G[weight].shape[0]
@@ -28,29 +29,17 @@ def layer_matrix(G, weight, bias):
 
 
 def dense_ekfac(terms, damping):
-    """The dense EK-FAC matrix of one layer, built from its definition.
+    """The dense EK-FAC matrix of one layer and its ``Λ`` (``reference``'s definition).
 
     ``terms``: list of ``(a (n, T, d_in), s (n, T, d_out), G (n, d_out, d_in), w (n,))``
     (one term per target for the expected Fisher, weight 1 otherwise).
-    ``A = E_rows[a a^T]``, ``S = E_rows[sum_k w_k s_k s_k^T]``, eigenvectors as
-    columns; ``Λ = E_i[sum_k w_k (Q_S^T G_ik Q_A)^2]``; the matrix is
-    ``(Q_S ⊗ Q_A) diag(vec Λ) (Q_S ⊗ Q_A)^T + damping I`` on row-major
-    ``vec`` of ``(d_out, d_in)`` matrices.
     """
     a0 = terms[0][0]
-    n, t, d_in = a0.shape
-    d_out = terms[0][1].shape[-1]
-    rows = a0.reshape(-1, d_in)
-    A = rows.T @ rows / (n * t)
-    S = sum(
-        (s * w.sqrt()[:, None, None]).reshape(-1, d_out).T
-        @ (s * w.sqrt()[:, None, None]).reshape(-1, d_out)
-        for _, s, _, w in terms
-    ) / (n * t)
-    QA, QS = torch.linalg.eigh(A)[1], torch.linalg.eigh(S)[1]
-    K = torch.kron(QS, QA)  # column i * d_in + j is QS[:, i] ⊗ QA[:, j]
-    lam = sum((w[:, None] * (G.reshape(n, -1) @ K) ** 2).sum(0) for _, _, G, w in terms) / n
-    return K @ torch.diag(lam) @ K.T + damping * torch.eye(d_out * d_in, dtype=D64), lam
+    roots = [w.sqrt()[:, None, None] for *_, w in terms]
+    s_rows = [(s * r).reshape(-1, s.shape[-1]) for (_, s, _, _), r in zip(terms, roots)]
+    grads = [G * r for (_, _, G, _), r in zip(terms, roots)]
+    QS, QA, lam = ekfac_factors(a0.reshape(-1, a0.shape[-1]), s_rows, grads)
+    return ekfac_matrix(QS, QA, lam, damping), lam.reshape(-1)
 
 
 def check_against_dense(est, layers, V, damping):
@@ -82,15 +71,7 @@ def grads_at(model, X, y, params, loss="cross_entropy"):
     )
 
 
-# --------------------------------------------------------------------------- models
-def mlp_case(n=12, seed=0):
-    torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)).double()
-    X = torch.randn(n, 5, dtype=D64)
-    y = torch.randint(0, 3, (n,))
-    return model, X, y
-
-
+# ---------------------------------------------------------------------------- (a, s) by hand
 def mlp_pairs(model, X, y, targets=None):
     """``a`` and ``s`` of both layers, computed by hand (no hooks)."""
     l0, l2 = model[0], model[2]
@@ -100,26 +81,6 @@ def mlp_pairs(model, X, y, targets=None):
     y = y if targets is None else targets
     s0, s2 = torch.autograd.grad(F.cross_entropy(z2, y, reduction="sum"), [z0, z2])
     return [(ones(X)[:, None], s0[:, None]), (ones(h.detach())[:, None], s2[:, None])]
-
-
-class ConvNet(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(2, 3, 3, stride=2, padding=1)
-        self.fc = nn.Linear(3 * 4 * 4, 3)
-
-    def forward(self, x):
-        return self.fc(torch.tanh(self.conv(x)).flatten(1))
-
-
-class TokenNet(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.proj = nn.Linear(5, 4)
-        self.head = nn.Linear(4, 3, bias=False)
-
-    def forward(self, x):
-        return self.head(torch.tanh(self.proj(x)).mean(1))
 
 
 # --------------------------------------------------------------------------- exactness
@@ -140,7 +101,7 @@ def test_mlp_equals_dense_definition():
 
 def test_conv_with_padding_and_stride_equals_dense_definition():
     torch.manual_seed(0)
-    model = ConvNet().double()
+    model = StridedConv().double()
     X = torch.randn(10, 2, 8, 8, dtype=D64)
     y = torch.randint(0, 3, (10,))
     est = ak.EKFACIFVP(damping=0.1, config=F64).fit(model, (X, y))
@@ -166,7 +127,7 @@ def test_conv_with_padding_and_stride_equals_dense_definition():
 
 def test_linear_on_tokens_equals_dense_definition():
     torch.manual_seed(0)
-    model = TokenNet().double()
+    model = PooledTokens().double()
     X = torch.randn(9, 6, 5, dtype=D64)
     y = torch.randint(0, 3, (9,))
     # A tiny memory budget forces one example per chunk in the weight-shared pass.
@@ -371,6 +332,20 @@ class Mixed(nn.Module):
         return self.out(self.act(self.fc(h)))
 
 
+def test_batchnorm_is_skipped_and_evaluated_with_running_statistics():
+    """BatchNorm is not covered (listed as skipped); the pass uses its running statistics."""
+    model, X, y = case("batchnorm")
+    running = model[1].running_mean.clone()
+    model.train()
+    est = ak.EKFACIFVP(damping=0.1, config=F64).fit(model, (X, y))
+    assert est.layers_ == ["0", "3"] and est.skipped_layers_ == ["1"]
+    assert model.training and torch.equal(model[1].running_mean, running)
+    # The eval-mode model gives the same statistics: train mode was never used.
+    frozen = ak.EKFACIFVP(damping=0.1, config=F64).fit(model.eval(), (X, y))
+    for layer in est.layers_:
+        assert_close(est.lambdas_[layer], frozen.lambdas_[layer], rtol=0)
+
+
 def test_layer_resolution_and_skipped():
     torch.manual_seed(0)
     model = Mixed().double()
@@ -549,26 +524,8 @@ def test_pickle_round_trip_without_model():
 
 
 # --------------------------------------------------------------------------- capture
-class Zoo(nn.Module):
-    """Conv paddings and modes, a bias-free dilated conv, an in-place ReLU, 2 token dims."""
-
-    def __init__(self):
-        super().__init__()
-        self.c1 = nn.Conv2d(2, 3, 3, stride=2, padding=1)
-        self.c2 = nn.Conv2d(3, 4, (3, 2), padding="same", padding_mode="reflect", bias=False)
-        self.c3 = nn.Conv2d(4, 2, 2, dilation=2, padding=(1, 0), padding_mode="circular")
-        self.act = nn.ReLU(inplace=True)
-        self.tok = nn.Linear(2, 3)
-        self.fc = nn.Linear(3, 3)
-
-    def forward(self, x):
-        h = self.c3(torch.tanh(self.c2(torch.tanh(self.c1(x)))))  # (b, 2, 4, 2)
-        h = self.act(self.tok(h.permute(0, 2, 3, 1)))  # Linear on (b, 3, 2, features)
-        return self.fc(h.mean((1, 2)) + 0.5 * self.fc(h.mean((1, 2))))  # fc called twice
-
-
 def test_capture_gives_per_example_gradients():
-    from attribkit.ifvp._kfac_hooks import (
+    from attribkit._compute.capture import (
         LayerCapture,
         matrix_to_params,
         param_layout,

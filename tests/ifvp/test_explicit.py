@@ -10,10 +10,16 @@ import numpy as np
 import pytest
 import torch
 from cases import classification_data, linear, mlp, regression_data
-from reference import assert_close, damped_fisher, loop_per_example_gradients
+from reference import (
+    assert_close,
+    damped_fisher,
+    loop_per_example_gradients,
+    true_fisher_moments_ce,
+    true_fisher_moments_mse,
+)
 
 from attribkit import ComputeConfig
-from attribkit.ifvp import explicit
+from attribkit._compute import budget
 from attribkit.ifvp.explicit import ExplicitIFVP
 
 F64 = ComputeConfig(dtype="float64")
@@ -152,47 +158,11 @@ def test_model_mode_auto_switches_like_array_mode(n, expected):
 
 
 # ----------------------------------------------------------------- true Fisher
-def _softmax_true_fisher(model, X):
-    """Exact E_{y~p}[g g^T] over inputs, and the per-sample variance of g g^T."""
-    with torch.no_grad():
-        probs = torch.softmax(model(X), dim=1)
-    mean, var = 0.0, 0.0
-    for k in range(X.shape[0]):
-        classes = range(probs.shape[1])
-        outer = [
-            (lambda g: torch.outer(g, g))(
-                loop_per_example_gradients(model, X[k : k + 1], torch.tensor([c]))[0]
-            )
-            for c in classes
-        ]
-        m = sum(probs[k, c] * outer[c] for c in classes)
-        mean = mean + m
-        var = var + sum(probs[k, c] * outer[c] ** 2 for c in classes) - m**2
-    return mean / X.shape[0], var / X.shape[0]
-
-
-def _mse_true_fisher(model, X):
-    """Exact Gauss-Newton (2/D) J^T J averaged over inputs, and the per-sample variance."""
-    params = dict(model.named_parameters())
-    mean, var = 0.0, 0.0
-    for k in range(X.shape[0]):
-        out = model(X[k : k + 1])[0]
-        rows = []
-        for o in range(out.shape[0]):
-            grads = torch.autograd.grad(out[o], list(params.values()), retain_graph=True)
-            rows.append(torch.cat([g.reshape(-1) for g in grads]))
-        J = torch.stack(rows)
-        S = (2.0 / out.shape[0]) * J.T @ J  # covariance of the Gaussian g
-        mean = mean + S
-        var = var + torch.outer(S.diagonal(), S.diagonal()) + S**2  # Isserlis
-    return mean / X.shape[0], var / X.shape[0]
-
-
 @pytest.mark.parametrize(
     "loss, make_model, make_data, exact",
     [
-        ("cross_entropy", lambda: linear(d=2, out=3), classification_data, _softmax_true_fisher),
-        ("mse", lambda: linear(d=2, out=2), regression_data, _mse_true_fisher),
+        ("cross_entropy", lambda: linear(d=2, out=3), classification_data, true_fisher_moments_ce),
+        ("mse", lambda: linear(d=2, out=2), regression_data, true_fisher_moments_mse),
     ],
 )
 def test_true_fisher_converges_to_expectation(loss, make_model, make_data, exact):
@@ -244,7 +214,7 @@ def test_auto_picks_the_cheaper_solver(n, p, damping, expected):
 def test_auto_falls_back_to_the_form_that_fits(monkeypatch):
     # n = 15, p = 20: cost prefers the dense form (15 * 35 > 400), which needs
     # 6400 bytes; the kernel form needs 8 * 15 * 20 + 16 * 225 = 6000.
-    monkeypatch.setattr(explicit, "_available_memory", lambda device: 0)
+    monkeypatch.setattr(budget, "available_bytes", lambda device: 0)
     cfg = ComputeConfig(dtype="float64", memory_budget=6200)
     G = _gradients(15, 20)
     est = ExplicitIFVP(damping=0.1, config=cfg).fit(G)
@@ -287,7 +257,7 @@ def test_woodbury_needs_positive_damping():
 
 
 def test_too_large_dense_matrix_is_refused_before_allocating(monkeypatch):
-    monkeypatch.setattr(explicit, "_available_memory", lambda device: 0)
+    monkeypatch.setattr(budget, "available_bytes", lambda device: 0)
     cfg = ComputeConfig(memory_budget=1000)
 
     def untouchable():

@@ -5,64 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 from cases import classification_data, linear, mlp, regression_data
-from reference import assert_close
-from torch.func import functional_call, hessian, jacrev
+from reference import assert_close, dense_gauss_newton, dense_hessian
 
 from attribkit import ComputeConfig, ExplicitIFVP
 
 F64 = ComputeConfig(dtype="float64")
-
-
-def _flat_params(model):
-    names = [n for n, p in model.named_parameters()]
-    shapes = [p.shape for p in model.parameters()]
-    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-
-    def unflatten(theta):
-        out, start = {}, 0
-        for n, s in zip(names, shapes):
-            size = s.numel()
-            out[n] = theta[start : start + size].reshape(s)
-            start += size
-        return out
-
-    return flat, unflatten
-
-
-def dense_gauss_newton(model, X, loss):
-    """``(1/n) sum_i J_i^T H_i J_i``: J_i the output Jacobian, H_i the loss Hessian in outputs."""
-    theta, unflatten = _flat_params(model)
-    total = 0.0
-    for i in range(X.shape[0]):
-        x = X[i : i + 1]
-
-        def f(t, x=x):
-            return functional_call(model, unflatten(t), (x,))[0]
-
-        J = jacrev(f)(theta)  # (C, p)
-        out = f(theta).detach()
-        if loss == "cross_entropy":
-            p = torch.softmax(out, 0)
-            H = torch.diag(p) - torch.outer(p, p)
-        else:  # per-example MSE averages over the D outputs: Hessian (2 / D) I
-            H = (2.0 / out.numel()) * torch.eye(out.numel(), dtype=out.dtype)
-        total = total + J.T @ H @ J
-    return total / X.shape[0]
-
-
-def dense_hessian(model, X, y, loss):
-    """Hessian of the mean loss in the flat parameters, by torch.func.hessian."""
-    theta, unflatten = _flat_params(model)
-    fn = (
-        torch.nn.functional.cross_entropy
-        if loss == "cross_entropy"
-        else torch.nn.functional.mse_loss
-    )
-
-    def objective(t):
-        return fn(functional_call(model, unflatten(t), (X,)), y)
-
-    return hessian(objective)(theta)
 
 
 def _vectors(m, p, seed=0):

@@ -9,39 +9,17 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from cases import classification_data, mlp, regression_data
-from reference import assert_close
-from torch.func import functional_call, hessian
+from cases import case, classification_data, mlp, regression_data
+from reference import assert_close, dense_hessian
 from torch.utils.data import DataLoader, TensorDataset
 
 import attribkit as ak
-import attribkit._distributed as dist_mod
+import attribkit._compute.distributed as dist_mod
 from attribkit.projection.arnoldi import eigenpairs, gram_matvec, lanczos, ritz_pairs
 
 F64 = ak.ComputeConfig(dtype="float64")
 #: The test MLP has 39 parameters; its Hessian has 5 zero eigenvalues and is indefinite.
 P = 39
-
-
-def dense_hessian(model, X, y, loss="cross_entropy", params=None):
-    """Hessian of the mean loss over (X, y) in the named parameters (model order), float64."""
-    named = dict(model.named_parameters())
-    names = [n for n in named if params is None or n in params]
-    shapes = [named[n].shape for n in names]
-    fixed = {n: p.detach() for n, p in named.items() if n not in names}
-    flat = torch.cat([named[n].detach().reshape(-1) for n in names])
-
-    def f(v):
-        state, i = dict(fixed), 0
-        for n, s in zip(names, shapes):
-            state[n] = v[i : i + s.numel()].reshape(s)
-            i += s.numel()
-        out = functional_call(model, state, (X,))
-        if loss == "mse":
-            return torch.nn.functional.mse_loss(out, y)
-        return torch.nn.functional.cross_entropy(out, y)
-
-    return hessian(f)(flat)
 
 
 def top_by_magnitude(A, k):
@@ -108,6 +86,17 @@ def test_ihvp_and_transform_equal_restricted_dense_inverse(problem):
     assert_close(Z.abs(), dense_cols.abs(), rtol=1e-10)
 
 
+def test_batchnorm_model_uses_running_statistics():
+    """The Hessian is the eval-mode one (running statistics); the model keeps its mode."""
+    model, X, y = case("batchnorm")
+    model.train()
+    est = fit_quiet(ak.ArnoldiProjector(proj_dim=5, max_iter=200, config=F64), model, (X, y))
+    assert model.training
+    H = dense_hessian(model.eval(), X, y)
+    values, _ = top_by_magnitude(H, 5)
+    assert_close(est.eigenvalues_, values, rtol=1e-10)
+
+
 def test_ihvp_containers(problem):
     model, X, y, _ = problem
     est = fit_quiet(ak.ArnoldiProjector(proj_dim=8, config=F64), model, (X, y))
@@ -156,7 +145,7 @@ def test_rev_fwd_equals_rev_rev(problem):
 
 
 def _hvp(model, data, mode="rev-fwd"):
-    from attribkit._gradients import MeanLossHVP
+    from attribkit._compute.curvature import MeanLossHVP
 
     return MeanLossHVP(model, data, mode=mode, config=F64)
 
@@ -538,9 +527,9 @@ def test_bad_data():
 
 
 def test_memory_refused_before_allocating(monkeypatch):
-    import attribkit.projection.arnoldi as arnoldi
+    from attribkit._compute import budget
 
-    monkeypatch.setattr(arnoldi, "_available_memory", lambda device: 1000)
+    monkeypatch.setattr(budget, "available_bytes", lambda device: 1000)
     cfg = ak.ComputeConfig(memory_budget=1000)
     G = np.ones((3, 40))  # basis 8 * 40 * 40 = 12,800 bytes > both limits
     with pytest.raises(ValueError, match="Krylov basis of max_iter x p = 40 x 40 .* max_iter"):

@@ -8,101 +8,32 @@ from collections import OrderedDict
 import numpy as np
 import pytest
 import torch
-from cases import classification_data, digits_model_and_gradients, mlp
-from reference import assert_close
+from cases import (
+    TokenMLP,
+    case,
+    conv_net,
+    digits_model_and_gradients,
+    mlp,
+)
+from reference import assert_close, kronecker_projection
 from torch import nn
 
 import attribkit as ak
-from attribkit.ifvp import _kfac_hooks as hooks
+from attribkit._compute import capture as hooks
 from attribkit.projection._generator import dense_block
 from attribkit.projection.kronecker import layer_seed
 
 F64 = ak.ComputeConfig(dtype="float64", batch_size=5)
 
 
-# ----------------------------------------------------------------------------- models
-class TokenMLP(nn.Module):
-    """Linear layers on (batch, tokens, features), pooled over tokens."""
-
-    def __init__(self, d=5, hidden=6, out=3):
-        super().__init__()
-        self.inp = nn.Linear(d, hidden)
-        self.norm = nn.LayerNorm(hidden)  # trainable, unsupported: skipped
-        self.out = nn.Linear(hidden, out, bias=False)
-
-    def forward(self, x):
-        return self.out(torch.tanh(self.norm(self.inp(x)))).mean(1)
-
-
-def conv_net():
-    return nn.Sequential(
-        nn.Conv2d(2, 3, 3, padding=1, stride=2),
-        nn.Tanh(),
-        nn.Conv2d(3, 4, (2, 3), padding=(1, 0), stride=(1, 2), bias=False),
-        nn.Flatten(),
-        nn.Linear(4 * 5 * 1, 3),
-    )
-
-
-def token_lm():
-    """A sequence model with per-token outputs: cross-entropy averages over tokens."""
-    return nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 4))
-
-
-def _seq_targets(n, t, classes, seed):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, classes, (n, t), generator=g)
-
-
-class PerToken(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.net = token_lm()
-
-    def forward(self, x):
-        return self.net(x).transpose(1, 2)  # (N, C, T) for CrossEntropyLoss
-
-
-class Shared(nn.Module):
-    """One Linear applied twice (weight sharing): its gradient sums both calls."""
-
-    def __init__(self):
-        super().__init__()
-        self.lin = nn.Linear(5, 5)
-        self.head = nn.Linear(5, 3)
-
-    def forward(self, x):
-        return self.head(torch.tanh(self.lin(torch.tanh(self.lin(x)))))
-
-
 def _case(name):
-    g = torch.Generator().manual_seed(1)
-    torch.manual_seed(0)
-    if name == "mlp":
-        model, (X, y) = mlp(), classification_data(n=13)
-    elif name == "conv":
-        model = conv_net().double()
-        X, y = torch.randn(13, 2, 7, 7, generator=g, dtype=torch.float64), torch.arange(13) % 3
-    elif name == "tokens":
-        model = TokenMLP().double()
-        X, y = torch.randn(13, 4, 5, generator=g, dtype=torch.float64), torch.arange(13) % 3
-    elif name == "conv-same":  # string padding, reflect padding mode, dilation
-        model = nn.Sequential(
-            nn.Conv2d(2, 3, 3, padding="same", padding_mode="reflect", dilation=2),
-            nn.Tanh(),
-            nn.Flatten(),
-            nn.Linear(3 * 6 * 6, 3),
-        ).double()
-        X, y = torch.randn(13, 2, 6, 6, generator=g, dtype=torch.float64), torch.arange(13) % 3
-    elif name == "shared":
-        model, (X, y) = Shared().double(), classification_data(n=13)
-    else:  # per-token targets
-        model = PerToken().double()
-        X, y = torch.randn(13, 4, 5, generator=g, dtype=torch.float64), _seq_targets(13, 4, 4, 2)
-    return model, X, y
+    """``(model, X, y)``: the case ``name`` of ``cases.CASES`` with 13 examples."""
+    return case("mlp-ce" if name == "mlp" else name, n=13)
 
 
-CASES = ["mlp", "conv", "conv-same", "tokens", "per-token", "shared"]
+#: Linear, conv (padding/stride; string/reflect padding, dilation), tokens, per-token,
+#: sharing, and BatchNorm (skipped; evaluated with its running statistics).
+CASES = ["mlp", "conv", "conv-same", "tokens", "per-token", "shared", "batchnorm"]
 
 
 # ----------------------------------------------------------------------------- hook path
@@ -234,31 +165,13 @@ def test_array_mode_is_refused():
 
 
 # ----------------------------------------------------------------------------- transform
-def _dense_reference(kp, model, V):
-    """``P_out^T W P_in`` per layer with W built by the capture module's helper."""
-    covered, _ = hooks.resolve_layers(model, kp.layers_)
-    parts = OrderedDict()
-    start = 0
-    for name, shape in kp.param_shapes_.items():
-        size = int(np.prod(shape))
-        parts[name] = V[:, start : start + size].reshape(V.shape[0], *shape)
-        start += size
-    out = []
-    for layer in covered:
-        W = hooks.params_to_matrix(
-            layer, parts[layer.weight_name], parts.get(layer.bias_name) if layer.has_bias else None
-        )
-        P_in, P_out = kp.matrices(layer.name)
-        out.append(torch.einsum("do,mdi,ik->mok", P_out, W, P_in).reshape(V.shape[0], -1))
-    return torch.cat(out, 1)
-
-
 @pytest.mark.parametrize("in_dim, out_dim", [(2, 5), (5, 2), (50, 50)])
 def test_transform_equals_dense_reference(in_dim, out_dim):
     model = conv_net().double()
     kp = ak.KroneckerProjector(in_dim=in_dim, out_dim=out_dim, config=F64).fit(model)
     V = torch.randn(6, kp.n_features_in_, dtype=torch.float64)
-    assert_close(kp.transform(V), _dense_reference(kp, model, V), rtol=1e-12)
+    covered, _ = hooks.resolve_layers(model, kp.layers_)
+    assert_close(kp.transform(V), kronecker_projection(kp, covered, V), rtol=1e-12)
     # dict input equals flat input; numpy in, numpy out
     D = OrderedDict()
     start = 0

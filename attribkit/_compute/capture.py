@@ -6,6 +6,17 @@ for each covered layer and each batch, the layer input ``a`` and the gradient
 finds the layers, describes their parameter layout and captures ``(a, s)``;
 it computes no statistics.
 
+Module types are covered through a registry keyed by type (as opacus'
+``grad_sample``): one :class:`LayerRule` per type says how wide its gradient
+matrix is, how to turn the module's input into the ``(batch, T, d_in)``
+rows ``a`` and its output gradient into the ``(batch, T, d_out)`` rows
+``s``, and when a module of that type cannot be covered (a grouped
+convolution). ``nn.Linear`` and ``nn.Conv2d`` are registered here; a new
+type is one :func:`register` call. Lookup follows the class's MRO (a
+subclass of ``nn.Linear`` is covered as one) and also accepts a
+``"module.QualName"`` string key, so a type can be registered without
+importing the library that defines it.
+
 Interface
 ---------
 ``resolve_layers(model, layers=None, owner="EKFACIFVP") -> (list[KFACLayer], skipped)``
@@ -69,9 +80,8 @@ matrix (bias as the last column) is ``sum_t s[i, t, :] outer a[i, t, :]`` =
 A layer whose output does not require grad (frozen parameters and nothing
 trainable upstream) gets a detached leaf that requires grad in place of its
 output, so its ``s`` is still defined; the model's parameters and their
-``requires_grad`` flags are never changed. ``call_model(model, inputs)``
-calls a model on a tensor, a tuple of positional arguments or a dict of
-keyword arguments.
+``requires_grad`` flags are never changed. The model itself is called with
+:func:`attribkit._compute.model.call_model`, the one model-call dispatcher.
 """
 
 from __future__ import annotations
@@ -79,12 +89,13 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections import OrderedDict
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import _validation as V
+from . import validation as V
 
 try:  # torch >= 2.2: the edge taken at forward time survives in-place changes
     from torch.autograd.graph import get_gradient_edge as _edge
@@ -97,14 +108,138 @@ except ImportError:  # pragma: no cover - older torch
 __all__ = [
     "KFACLayer",
     "LayerCapture",
-    "call_model",
+    "LayerRule",
     "matrix_to_params",
     "param_layout",
     "params_to_matrix",
+    "register",
     "resolve_layers",
+    "rule_for",
 ]
 
-SUPPORTED = (nn.Linear, nn.Conv2d)
+
+# --------------------------------------------------------------------------- registry
+@dataclasses.dataclass(frozen=True)
+class LayerRule:
+    """How the modules of one type are captured (one registry entry).
+
+    Attributes
+    ----------
+    kind : str
+        Short name of the type (``"linear"``, ``"conv2d"``).
+    label : str
+        The type as error messages name it (``"nn.Linear"``).
+    fan_in : callable
+        ``module -> int``: columns of the weight gradient matrix, bias excluded
+        (``in_features``; ``in_channels * kh * kw`` for a conv).
+    inputs : callable
+        ``(module, x) -> (batch, T, fan_in)``: the rows ``a`` from the module's
+        first input ``x`` (detached), before the bias column is appended.
+    output_grads : callable
+        ``(module, g) -> (batch, T, d_out)``: the rows ``s`` from the gradient
+        ``g`` of the module's output, in the order of ``inputs``' rows.
+    unsupported : callable
+        ``module -> str or None``: why this module cannot be covered (None when
+        it can), e.g. a grouped convolution.
+    """
+
+    kind: str
+    label: str
+    fan_in: Callable[[nn.Module], int]
+    inputs: Callable[[nn.Module, torch.Tensor], torch.Tensor]
+    output_grads: Callable[[nn.Module, torch.Tensor], torch.Tensor]
+    unsupported: Callable[[nn.Module], str | None] = lambda module: None
+
+
+#: type (or "module.QualName") -> LayerRule; see :func:`register`.
+RULES: dict = {}
+
+
+def register(module_type, rule: LayerRule) -> None:
+    """Cover modules of ``module_type`` (a class or a ``"module.QualName"`` string)."""
+    RULES[module_type] = rule
+
+
+def rule_for(module: nn.Module) -> LayerRule | None:
+    """The rule of the first class in ``type(module).__mro__`` that is registered."""
+    for cls in type(module).__mro__:
+        rule = RULES.get(cls) or RULES.get(f"{cls.__module__}.{cls.__qualname__}")
+        if rule is not None:
+            return rule
+    return None
+
+
+def _labels(sep: str) -> str:
+    labels = list(dict.fromkeys(rule.label for rule in RULES.values()))
+    return sep.join(labels)
+
+
+def _linear_inputs(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    if x.ndim < 2:
+        raise ValueError(
+            f"nn.Linear layers must get batched inputs (batch, ..., features) to be "
+            f"captured; got an input of shape {tuple(x.shape)}."
+        )
+    return x.reshape(x.shape[0], -1, x.shape[-1])
+
+
+def _token_rows(module: nn.Module, g: torch.Tensor) -> torch.Tensor:
+    return g.reshape(g.shape[0], -1, g.shape[-1])
+
+
+def _conv_inputs(module: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """im2col of a conv input: ``(batch, positions, in * kh * kw)``."""
+    if x.ndim != 4:
+        raise ValueError(
+            f"nn.Conv2d inputs must be (batch, channels, height, width) to be captured; got "
+            f"shape {tuple(x.shape)} (unbatched input is not supported)."
+        )
+    padding = module.padding
+    if isinstance(padding, str) or module.padding_mode != "zeros":
+        # What Conv2d itself does for padding_mode != "zeros"; for the string
+        # paddings the same attribute holds the (possibly asymmetric) amounts.
+        pads = module._reversed_padding_repeated_twice
+        mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+        x = F.pad(x, pads, mode=mode)
+        padding = 0
+    cols = F.unfold(
+        x,
+        kernel_size=module.kernel_size,
+        dilation=module.dilation,
+        padding=padding,
+        stride=module.stride,
+    )
+    return cols.transpose(1, 2)
+
+
+def _conv_positions(module: nn.Conv2d, g: torch.Tensor) -> torch.Tensor:
+    return g.flatten(2).transpose(1, 2)
+
+
+def _grouped(module: nn.Conv2d) -> str | None:
+    if module.groups != 1:
+        return (
+            f"a grouped convolution (groups={module.groups}): its weight gradient is "
+            "block-diagonal over groups, which one Kronecker factor pair does not describe"
+        )
+    return None
+
+
+register(
+    nn.Linear,
+    LayerRule("linear", "nn.Linear", lambda m: m.in_features, _linear_inputs, _token_rows),
+)
+register(
+    nn.Conv2d,
+    LayerRule(
+        "conv2d",
+        "nn.Conv2d",
+        lambda m: math.prod(m.weight.shape[1:]),
+        _conv_inputs,
+        _conv_positions,
+        _grouped,
+    ),
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,7 +250,8 @@ class KFACLayer:
     ----------
     name : str
         Module name in ``model.named_modules()``.
-    kind : {"linear", "conv2d"}
+    kind : str
+        The :class:`LayerRule` kind of its type (``"linear"``, ``"conv2d"``).
     module : torch.nn.Module
         The module itself (used while capturing; never pickled by estimators).
     weight_name, bias_name : str, str or None
@@ -154,37 +290,38 @@ def _prefixed(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
 
 
-def _unsupported_reason(module: nn.Module) -> str | None:
-    """Why a Linear/Conv2d module cannot be covered (None when it can)."""
-    if isinstance(module, nn.Conv2d) and module.groups != 1:
-        return (
-            f"a grouped convolution (groups={module.groups}): its weight gradient is "
-            "block-diagonal over groups, which one Kronecker factor pair does not describe"
-        )
-    return None
-
-
-def _make_layer(name: str, module: nn.Module) -> KFACLayer:
+def _make_layer(name: str, module: nn.Module, rule: LayerRule) -> KFACLayer:
     bias = getattr(module, "bias", None)
     weight = module.weight
-    if isinstance(module, nn.Linear):
-        kind, fan_in = "linear", module.in_features
-    else:
-        kind, fan_in = "conv2d", math.prod(weight.shape[1:])
     return KFACLayer(
         name=name,
-        kind=kind,
+        kind=rule.kind,
         module=module,
         weight_name=_prefixed(name, "weight"),
         bias_name=_prefixed(name, "bias") if bias is not None else None,
         weight_shape=tuple(weight.shape),
-        d_in=fan_in + (bias is not None),
+        d_in=rule.fan_in(module) + (bias is not None),
         d_out=int(weight.shape[0]),
     )
 
 
 def _own_trainable(module: nn.Module) -> bool:
     return any(p.requires_grad for p in module.parameters(recurse=False))
+
+
+def _layer_input(layer: KFACLayer, x: torch.Tensor) -> torch.Tensor:
+    """The ``(batch, T, d_in)`` input rows of a layer, ones column appended for the bias."""
+    try:
+        cols = rule_for(layer.module).inputs(layer.module, x.detach())
+    except ValueError as exc:
+        raise ValueError(f"Layer {layer.name!r}: {exc}") from None
+    if not layer.has_bias:
+        return cols.contiguous()
+    b, t, d = cols.shape
+    a = cols.new_empty(b, t, d + 1)
+    a[..., :d] = cols
+    a[..., d] = 1
+    return a
 
 
 def resolve_layers(model: nn.Module, layers=None, owner="EKFACIFVP"):
@@ -207,7 +344,7 @@ def resolve_layers(model: nn.Module, layers=None, owner="EKFACIFVP"):
         ``layers=None`` only: modules with trainable parameters of their own
         that cannot be covered (an empty list when ``layers`` is given).
     """
-    who = V._owner(owner)
+    who = V.owner_name(owner)
     modules = OrderedDict(model.named_modules())
     if layers is not None:
         if isinstance(layers, str) or not all(isinstance(n, str) for n in layers):
@@ -219,30 +356,30 @@ def resolve_layers(model: nn.Module, layers=None, owner="EKFACIFVP"):
             )
         if len(set(layers)) != len(layers):
             raise ValueError(f"The 'layers' parameter of {who} lists a module twice: {layers}.")
-        supported = [n for n, m in modules.items() if isinstance(m, SUPPORTED)]
+        supported = [n for n, m in modules.items() if rule_for(m) is not None]
         for name in layers:
             if name not in modules:
                 raise ValueError(
                     f"The 'layers' parameter of {who} names a module the model does not have: "
-                    f"{name!r}. Supported modules of this model (nn.Linear, nn.Conv2d): "
+                    f"{name!r}. Supported modules of this model ({_labels(', ')}): "
                     f"{supported}."
                 )
             module = modules[name]
-            if not isinstance(module, SUPPORTED):
+            rule = rule_for(module)
+            if rule is None:
                 raise ValueError(
                     f"The 'layers' parameter of {who} names module {name!r} of type "
-                    f"{type(module).__name__}, which is not supported: only nn.Linear and "
-                    f"nn.Conv2d (groups=1) layers can be covered. Supported modules of this "
-                    f"model: {supported}."
+                    f"{type(module).__name__}, which is not supported: only {_labels(' and ')} "
+                    f"layers can be covered (a convolution with groups=1). Supported modules "
+                    f"of this model: {supported}."
                 )
-            reason = _unsupported_reason(module)
+            reason = rule.unsupported(module)
             if reason is not None:
                 raise ValueError(
-                    f"The 'layers' parameter of {who} names module {name!r}, {reason}; only "
-                    "nn.Conv2d with groups=1 is supported."
+                    f"The 'layers' parameter of {who} names module {name!r}, {reason}; it "
+                    "cannot be covered."
                 )
-        wanted = set(layers)
-        covered = [_make_layer(n, m) for n, m in modules.items() if n in wanted]
+        covered = [_make_layer(n, m, rule_for(m)) for n, m in modules.items() if n in set(layers)]
         return covered, []
     covered, skipped = [], []
     # Modules whose forward does not call their children (MultiheadAttention
@@ -256,20 +393,21 @@ def resolve_layers(model: nn.Module, layers=None, owner="EKFACIFVP"):
             if any(p.requires_grad for p in module.parameters()):
                 skipped.append(name)
             continue
-        if isinstance(module, SUPPORTED):
+        rule = rule_for(module)
+        if rule is not None:
             if not _own_trainable(module):
                 continue
-            if _unsupported_reason(module) is None:
-                covered.append(_make_layer(name, module))
+            if rule.unsupported(module) is None:
+                covered.append(_make_layer(name, module, rule))
             else:
                 skipped.append(name)
         elif _own_trainable(module):
             skipped.append(name)
     if not covered:
         raise ValueError(
-            f"The model given to {who} has no nn.Linear or nn.Conv2d (groups=1) module with "
-            f"trainable parameters to cover. Modules with trainable parameters of other types: "
-            f"{skipped}."
+            f"The model given to {who} has no {_labels(' or ')} module (a convolution with "
+            f"groups=1) with trainable parameters to cover. Modules with trainable parameters "
+            f"of other types: {skipped}."
         )
     return covered, skipped
 
@@ -297,68 +435,6 @@ def matrix_to_params(layer: KFACLayer, matrix: torch.Tensor):
     if layer.has_bias:
         return matrix[..., :-1].reshape(m, *layer.weight_shape), matrix[..., -1]
     return matrix.reshape(m, *layer.weight_shape), None
-
-
-def call_model(model: nn.Module, inputs):
-    """``model(inputs)``, ``model(*inputs)`` for a tuple, ``model(**inputs)`` for a dict."""
-    if isinstance(inputs, dict):
-        return model(**inputs)
-    if isinstance(inputs, (tuple, list)):
-        return model(*inputs)
-    return model(inputs)
-
-
-def _conv_input(module: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    """im2col of a conv input: ``(batch, positions, in * kh * kw)``."""
-    if x.ndim != 4:
-        raise ValueError(
-            f"nn.Conv2d inputs must be (batch, channels, height, width) to be captured; got "
-            f"shape {tuple(x.shape)} (unbatched input is not supported)."
-        )
-    padding = module.padding
-    if isinstance(padding, str) or module.padding_mode != "zeros":
-        # What Conv2d itself does for padding_mode != "zeros"; for the string
-        # paddings the same attribute holds the (possibly asymmetric) amounts.
-        pads = module._reversed_padding_repeated_twice
-        mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
-        x = F.pad(x, pads, mode=mode)
-        padding = 0
-    cols = F.unfold(
-        x,
-        kernel_size=module.kernel_size,
-        dilation=module.dilation,
-        padding=padding,
-        stride=module.stride,
-    )
-    return cols.transpose(1, 2)
-
-
-def _layer_input(layer: KFACLayer, x: torch.Tensor) -> torch.Tensor:
-    """The ``(batch, T, d_in)`` input matrix, ones column appended for the bias."""
-    x = x.detach()
-    if layer.kind == "conv2d":
-        cols = _conv_input(layer.module, x)
-    else:
-        if x.ndim < 2:
-            raise ValueError(
-                f"nn.Linear layer {layer.name!r} got an unbatched input of shape "
-                f"{tuple(x.shape)}; inputs must be (batch, ..., features)."
-            )
-        cols = x.reshape(x.shape[0], -1, x.shape[-1])
-    if not layer.has_bias:
-        return cols.contiguous()
-    b, t, d = cols.shape
-    a = cols.new_empty(b, t, d + 1)
-    a[..., :d] = cols
-    a[..., d] = 1
-    return a
-
-
-def _output_grad(layer: KFACLayer, g: torch.Tensor) -> torch.Tensor:
-    """The output gradient as ``(batch, T, d_out)``."""
-    if layer.kind == "conv2d":
-        return g.flatten(2).transpose(1, 2)
-    return g.reshape(g.shape[0], -1, g.shape[-1])
 
 
 class LayerCapture:
@@ -427,7 +503,7 @@ class LayerCapture:
         missing = [layer.name for layer, e in zip(self.layers, self._edges) if not e]
         if missing:
             raise ValueError(
-                f"{V._owner(self.owner)}: the covered layers {missing} were not called in the "
+                f"{V.owner_name(self.owner)}: the covered layers {missing} were not called in the "
                 "model's forward pass (with gradients enabled), so their inputs and output "
                 "gradients cannot be captured. Pass layers=[...] naming modules the forward "
                 "calls."
@@ -460,7 +536,7 @@ class LayerCapture:
                     t = self._inputs[i][k].shape[1]
                     g = a.new_zeros(a.shape[0], t, layer.d_out)
                 else:
-                    g = _output_grad(layer, g)
+                    g = rule_for(layer.module).output_grads(layer.module, g)
                 parts.append(g)
             start += len(per_layer)
             pairs.append((a, parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)))

@@ -18,10 +18,11 @@ from collections.abc import Iterable, Iterator, Mapping
 
 import numpy as np
 import torch
+from torch.utils._pytree import tree_flatten, tree_map
 from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
 
-from .config import ComputeConfig
+from ..config import ComputeConfig
+from .progress import bar
 
 
 def _is_array(x) -> bool:
@@ -29,6 +30,12 @@ def _is_array(x) -> bool:
 
 
 def _as_tensor(x):
+    """The normal form of a batch: numpy arrays as tensors, dicts and tuples as containers.
+
+    Hand-written rather than ``tree_map`` because it changes containers: any
+    Mapping becomes a dict and a list a tuple (positional arguments), so the
+    later walkers (``tree_map``) and the model call see only those.
+    """
     if isinstance(x, np.ndarray):
         return torch.as_tensor(x)
     if isinstance(x, Mapping):
@@ -39,29 +46,25 @@ def _as_tensor(x):
 
 
 def to_device(x, device: torch.device | None, dtype: torch.dtype | None = None):
-    """Move a tensor, or the tensors of a tuple/dict, to ``device``.
+    """Move a tensor, or the tensors of a (normalised) batch, to ``device``.
 
     With ``dtype``, floating-point tensors are also cast to it (integer and
     boolean tensors, such as labels, token ids or masks, keep their dtype).
     """
-    if isinstance(x, torch.Tensor):
-        if dtype is not None and x.is_floating_point() and x.dtype != dtype:
-            return x.to(device=device, dtype=dtype)
-        return x if device is None else x.to(device)
-    if isinstance(x, Mapping):
-        return {k: to_device(v, device, dtype) for k, v in x.items()}
-    if isinstance(x, (tuple, list)):
-        return tuple(to_device(v, device, dtype) for v in x)
-    return x
+
+    def move(t):
+        if not isinstance(t, torch.Tensor):
+            return t
+        if dtype is not None and t.is_floating_point() and t.dtype != dtype:
+            return t.to(device=device, dtype=dtype)
+        return t if device is None else t.to(device)
+
+    return tree_map(move, x)
 
 
 def batch_len(inputs) -> int:
     """Number of examples in a batch of inputs (first dim of its first tensor)."""
-    if isinstance(inputs, torch.Tensor):
-        return inputs.shape[0]
-    if isinstance(inputs, Mapping):
-        return batch_len(next(iter(inputs.values())))
-    return batch_len(inputs[0])
+    return tree_flatten(inputs)[0][0].shape[0]
 
 
 def _is_number_list(x) -> bool:
@@ -83,11 +86,7 @@ def _is_pair_of_arrays(data) -> bool:
 
 
 def _slice(x, start, stop):
-    if isinstance(x, Mapping):
-        return {k: _slice(v, start, stop) for k, v in x.items()}
-    if isinstance(x, tuple):
-        return tuple(_slice(v, start, stop) for v in x)
-    return x[start:stop]
+    return tree_map(lambda v: v[start:stop], x)
 
 
 def _pair(batch, index: int):
@@ -127,7 +126,7 @@ EMPTY_DATA_MESSAGE = (
 class EmptyDataError(ValueError):
     """``data`` yielded no example (a ``ValueError``).
 
-    Its own class so that a distributed fit (``attribkit._distributed``) can
+    Its own class so that a distributed fit (``attribkit._compute.distributed``) can
     tell an empty shard on one rank, which is allowed, from other errors.
     """
 
@@ -184,14 +183,8 @@ def iter_batches(
             "The 'data' argument must be a DataLoader, a Dataset, a tuple (inputs, targets) "
             f"of tensors or an iterable of (inputs, targets) batches. Got {type(data).__name__}."
         )
-    if total is None:
-        try:
-            total = len(batches)
-        except TypeError:
-            total = None
     seen = 0
-    bar = tqdm(batches, total=total, desc=desc, disable=not config.show_progress, leave=False)
-    for i, batch in enumerate(bar):
+    for i, batch in enumerate(bar(batches, enabled=config.show_progress, total=total, desc=desc)):
         inputs, targets = _pair(batch, i)
         if batch_len(inputs) == 0:
             continue
@@ -201,3 +194,20 @@ def iter_batches(
         yield inputs, targets
     if seen == 0:
         raise EmptyDataError(EMPTY_DATA_MESSAGE)
+
+
+def known_length(data) -> int | None:
+    """Number of examples ``data`` will yield, when it can be told without iterating."""
+    try:
+        if _is_pair_of_arrays(data):
+            return int(batch_len(_as_tensor(data[0])))
+        if isinstance(data, DataLoader):
+            if data.batch_size is None:  # a custom batch_sampler: sizes unknown
+                return None
+            size = len(data.sampler)
+            return size - size % data.batch_size if data.drop_last else size
+        if isinstance(data, Dataset):
+            return len(data)
+    except TypeError:  # no __len__ (an IterableDataset, say)
+        return None
+    return None

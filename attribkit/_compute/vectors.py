@@ -238,17 +238,27 @@ def unflatten_output(flat: torch.Tensor, kind: str, shapes: Mapping[str, tuple] 
     return flat
 
 
-def split(flat: torch.Tensor, shapes: Mapping[str, tuple]) -> OrderedDict:
-    """Split ``(m, n_features)`` into a dict ``name -> (m, *shape)`` (views)."""
-    out = OrderedDict()
-    start = 0
+def offsets(shapes: Mapping[str, tuple]) -> OrderedDict:
+    """``name -> (start, stop)``: each block's columns in a flat vector of the layout."""
+    out, start = OrderedDict(), 0
     for key, shape in shapes.items():
-        size = math.prod(shape)
-        out[key] = flat[:, start : start + size].reshape(flat.shape[0], *shape)
-        start += size
+        out[key] = (start, start + math.prod(shape))
+        start += math.prod(shape)
     return out
 
 
-def flatten_dict(tensors: Mapping[str, torch.Tensor], shapes: Mapping[str, tuple]) -> torch.Tensor:
-    """Concatenate ``name -> (m, *shape)`` in layout order (no validation: internal use)."""
-    return torch.cat([tensors[k].reshape(tensors[k].shape[0], -1) for k in shapes], dim=1)
+def split(flat: torch.Tensor, shapes: Mapping[str, tuple]) -> OrderedDict:
+    """Split ``(m, n_features)`` into a dict ``name -> (m, *shape)`` (views)."""
+    return OrderedDict(
+        (key, flat[:, s:e].reshape(flat.shape[0], *shapes[key]))
+        for key, (s, e) in offsets(shapes).items()
+    )
+
+
+def flatten_dict(tensors: Mapping[str, torch.Tensor], order) -> torch.Tensor:
+    """Concatenate ``name -> (m, *shape)`` flattened, in the order of the keys of ``order``.
+
+    ``order`` is a layout (``param_shapes_``), a list of names, or ``tensors``
+    itself; no validation: internal use.
+    """
+    return torch.cat([tensors[k].reshape(tensors[k].shape[0], -1) for k in order], dim=1)

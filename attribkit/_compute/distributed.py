@@ -36,8 +36,8 @@ import pickle
 import torch
 import torch.distributed as dist
 
-from ._data import EMPTY_DATA_MESSAGE, EmptyDataError
-from .config import ComputeConfig
+from ..config import ComputeConfig
+from .data import EMPTY_DATA_MESSAGE, EmptyDataError
 
 __all__ = ["Reducer", "reducer", "traffic", "reset_traffic"]
 
@@ -361,7 +361,7 @@ class Reducer:
 
         Examples
         --------
-        >>> from attribkit._distributed import Reducer
+        >>> from attribkit._compute.distributed import Reducer
         >>> red = Reducer(False)
         >>> with red.shard_pass("fit") as shard:
         ...     shard.count += 5
@@ -386,7 +386,7 @@ def reducer(
     Examples
     --------
     >>> import attribkit as ak
-    >>> from attribkit._distributed import reducer
+    >>> from attribkit._compute.distributed import reducer
     >>> reducer(ak.ComputeConfig()).active  # no process group initialised
     False
     """

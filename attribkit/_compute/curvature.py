@@ -1,0 +1,253 @@
+"""Curvature-vector products of the mean loss, streamed over the data.
+
+:class:`MeanLossHVP` is the one Hessian-vector product of attribkit: per
+batch, ``torch.func`` differentiates the batch's summed loss twice (``jvp``
+of ``grad``, or ``vjp`` of ``grad``) on a ``functional_call`` of the model;
+the products of all batches are added in float64 with the example count in
+the same tensor, all-reduced over processes once per product
+(:mod:`attribkit._compute.distributed`), and divided by the count.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch.func import grad
+
+from ..config import ComputeConfig
+from . import distributed
+from . import validation as V
+from .data import EMPTY_DATA_MESSAGE, EmptyDataError, batch_len, iter_batches
+from .model import EvalMode, call_model, first_call, param_shapes, select_params, split_state
+from .precision import F64
+from .targets import BUILTIN_LOSSES, check_loss_output, resolve_loss
+from .vectors import split
+
+__all__ = ["HVP_MODES", "MeanLossHVP"]
+
+#: How a Hessian-vector product is taken: forward-over-reverse or reverse-over-reverse.
+HVP_MODES = ("rev-fwd", "rev-rev")
+
+
+class MeanLossHVP:
+    """Curvature-vector products ``v -> (H + damping I) v`` of the mean loss over ``data``.
+
+    ``H`` is the Hessian, in the selected parameters, of the mean loss
+    ``(1/n) sum_i loss_i`` over all ``n`` examples ``data`` yields. Each call
+    streams over ``data`` once, so the data set never has to fit in memory:
+    per batch ``b`` it adds the Hessian-vector product of the batch's *summed*
+    loss (``|b|`` times its mean, so a ragged last batch weighs exactly what
+    its examples weigh) to a float64 sum, with the example count in one more
+    entry of the same tensor. That one tensor is all-reduced over processes
+    (:func:`attribkit._compute.distributed.reducer`: one collective per call, a no-op
+    in one process) and only then divided by the count, so every rank gets
+    the product of the union of the shards.
+
+    The model runs through ``torch.func.functional_call`` with detached copies
+    of its parameters, in eval mode (mode restored after every pass; the
+    parameters' ``requires_grad`` is never touched). Floating-point inputs and
+    targets are cast to the parameters' dtype.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The model; its parameters and buffers are captured at construction.
+    data : DataLoader, Dataset, tuple (inputs, targets) or re-iterable of batches
+        Iterated once per call; a one-shot iterator (a generator) is refused.
+    loss : {"cross_entropy", "mse"} or callable
+        The per-example loss, as everywhere in attribkit.
+    params : list of str, optional
+        The parameters ``H`` is taken over (default: all trainable).
+    mode : {"rev-fwd", "rev-rev"}
+        ``"rev-fwd"``: ``torch.func.jvp`` of the reverse-mode gradient
+        (forward-over-reverse, the cheaper one); ``"rev-rev"``:
+        ``torch.func.vjp`` of the gradient (reverse-over-reverse, for
+        operators without forward-mode rules). Both give the same values to
+        rounding. With data of a single batch and ``"rev-rev"``, that batch's
+        vjp pullback is kept between calls instead of being rebuilt by every
+        pass (streamed data never keeps a batch's graph). The path depends only
+        on the data and the mode, never on elapsed time or machine load (API
+        section 9): ``"rev-fwd"`` rebuilds its jvp in every pass. (An earlier
+        version switched to ``torch.func.linearize`` once plain passes had taken
+        0.2 s; that made the code path machine-dependent, and the linearised
+        product crashed the process for ``loss="mse"``, so it was removed.)
+    damping : float
+        ``damping * v`` is added to the product (in float64).
+    config : ComputeConfig
+        ``batch_size`` for tuple/Dataset data and ``distributed``; progress
+        bars of the passes are left to the caller.
+    owner : str or estimator
+        Named in error messages.
+
+    Attributes
+    ----------
+    param_shapes : OrderedDict
+        ``name -> shape`` of the selected parameters (model order).
+    n_features : int
+        Their total size ``p``.
+    dtype, device
+        The parameters' dtype and device, where the products are computed.
+    n_samples : int or None
+        The (all-reduced) example count, known after the first call; a later
+        pass that sees another count raises ``ValueError``.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        data,
+        *,
+        loss="cross_entropy",
+        params=None,
+        mode: str = "rev-fwd",
+        damping: float = 0.0,
+        config: ComputeConfig,
+        owner="hvp",
+    ):
+        V.check_option(owner, "mode", mode, HVP_MODES)
+        self.loss_fn = resolve_loss(loss, owner)
+        if isinstance(data, Iterator):
+            raise ValueError(
+                f"{V.owner_name(owner)} passes over 'data' once per Hessian-vector product, so "
+                f"'data' must be re-iterable. Got a one-shot iterator ({type(data).__name__}); "
+                "pass a DataLoader, a Dataset, a tuple (inputs, targets) or a list of batches."
+            )
+        selected = select_params(model, params, owner)
+        self.model, self.data, self.mode, self.owner = model, data, mode, owner
+        self.damping = float(damping)
+        self.param_shapes = param_shapes(selected)
+        self.n_features = sum(p.numel() for p in selected.values())
+        self._sel, self._frozen = split_state(model, selected)
+        self.device = next(iter(self._sel.values())).device
+        self.dtype = next(iter(self._sel.values())).dtype
+        # One bar for the caller's iterations, not one per pass over the data.
+        self._config = dataclasses.replace(config, progress=False)
+        self._reducer = distributed.reducer(config, V.owner_name(owner))
+        self._checked = False
+        self.n_samples: int | None = None
+        # Data of one batch with rev-rev: that batch's vjp pullback and size, kept
+        # between calls, as every pass would rebuild the same one.
+        self._kept = None
+
+    def _outputs(self, inputs):
+        return call_model(self.model, inputs, {**self._frozen, **self._sel})
+
+    def _batch_gradient(self, inputs, targets) -> Callable:
+        """``sel -> gradient of one batch's summed loss`` (a ``torch.func.grad``)."""
+        model, frozen, loss_fn = self.model, self._frozen, self.loss_fn
+        builtin_ce = loss_fn is BUILTIN_LOSSES["cross_entropy"]
+
+        def batch_loss(sel):
+            outputs = call_model(model, inputs, {**frozen, **sel})
+            if builtin_ce and outputs.ndim == 2:
+                # The same sum of per-example losses; forward-mode AD through
+                # reduction="none" is several times slower than through "sum".
+                return F.cross_entropy(outputs, targets, reduction="sum")
+            return loss_fn(outputs, targets).sum()
+
+        return grad(batch_loss)
+
+    def _batch_hvp(self, inputs, targets, tangents: dict) -> tuple[dict, Callable | None]:
+        """``H_b v`` for the summed loss of one batch, and the vjp pullback (rev-rev)."""
+        gradient = self._batch_gradient(inputs, targets)
+        if self.mode == "rev-fwd":
+            from torch.func import jvp
+
+            return jvp(gradient, (self._sel,), (tangents,))[1], None
+        from torch.func import vjp
+
+        _, pullback = vjp(gradient, self._sel)
+        return pullback(tangents)[0], pullback
+
+    def __call__(self, v: torch.Tensor) -> torch.Tensor:
+        """``(H + damping I) v`` for a flat ``(p,)`` vector, in float64 on ``v``'s device."""
+        if v.shape != (self.n_features,):
+            raise ValueError(
+                f"{V.owner_name(self.owner)}: a Hessian-vector product takes a flat vector of "
+                f"shape ({self.n_features},). Got {tuple(v.shape)}."
+            )
+        vec = v.detach().to(device=self.device, dtype=self.dtype)
+        tangents = OrderedDict((n, t[0]) for n, t in split(vec[None], self.param_shapes).items())
+        # The weighted sum, the count and a failure flag travel in one tensor:
+        # one all-reduce. Distributed, an empty shard on one rank is fine (an
+        # empty union is not), and a rank that fails makes every rank raise
+        # instead of leaving the others waiting in the all-reduce.
+        total = torch.zeros(self.n_features + 2, dtype=F64, device=self.device)
+        red, error = self._reducer, None
+        try:
+            self._pass(total, tangents)
+        except EmptyDataError:
+            if not red.active:
+                raise
+        except Exception as exc:
+            if not red.active:
+                raise
+            error, total[-1] = exc, 1.0
+        red.sum_(total)
+        if error is not None:
+            raise error
+        if float(total[-1]) > 0:
+            raise RuntimeError(
+                f"{V.owner_name(self.owner)}: a Hessian-vector product failed on "
+                f"{round(float(total[-1]))} other rank(s) of the process group (see their "
+                f"error), so it stops on every rank (this is rank {red.rank})."
+            )
+        count = round(float(total[-2]))
+        if count == 0:
+            raise EmptyDataError(f"{EMPTY_DATA_MESSAGE} It was empty on every rank.")
+        if self.n_samples is None:
+            self.n_samples = count
+        elif count != self.n_samples:
+            raise ValueError(
+                f"{V.owner_name(self.owner)}: 'data' yielded {count} examples in one pass and "
+                f"{self.n_samples} in the first; every pass must see the same data."
+            )
+        out = total[:-2].div_(count)
+        if self.damping:
+            out.add_(v.detach().to(device=self.device, dtype=F64), alpha=self.damping)
+        return out.to(v.device)
+
+    def _pass(self, total: torch.Tensor, tangents: dict) -> None:
+        """Add this rank's ``sum_b H_b v`` to ``total[:-2]`` and its count to ``total[-2]``."""
+        if self._kept is not None:
+            pullback, size = self._kept
+            self._add(total, pullback(tangents)[0])
+            total[-2] += size
+            return
+        batches = iter_batches(self.data, self._config, device=self.device, dtype=self.dtype)
+        seen, pullback = 0, None
+        with EvalMode(self.model):
+            for inputs, targets in batches:
+                if not self._checked:
+                    with torch.no_grad():
+                        outputs = first_call(self._outputs, inputs, targets, self.owner)
+                    check_loss_output(self.loss_fn, outputs, targets, self.owner)
+                    self._checked = True
+                pullback = None  # a second batch's HVP never holds the first one's graph
+                try:
+                    hv, pullback = self._batch_hvp(inputs, targets, tangents)
+                except (RuntimeError, NotImplementedError) as exc:
+                    if self.mode != "rev-fwd":
+                        raise
+                    raise RuntimeError(
+                        f"{V.owner_name(self.owner)}: the forward-over-reverse Hessian-vector "
+                        f"product (mode='rev-fwd') failed with {type(exc).__name__}: {exc}\n"
+                        "Some operators have no forward-mode rule; use mode='rev-rev'."
+                    ) from exc
+                self._add(total, hv)
+                total[-2] += batch_len(inputs)
+                seen += 1
+        if seen == 1 and pullback is not None:
+            self._kept = (pullback, float(total[-2]))
+
+    def _add(self, total: torch.Tensor, hv: dict) -> None:
+        """``total[:p] += flat(hv)`` in float64."""
+        offset = 0
+        for name in self.param_shapes:
+            block = hv[name].reshape(-1)
+            total[offset : offset + block.numel()] += block.to(F64)
+            offset += block.numel()

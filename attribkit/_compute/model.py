@@ -1,0 +1,175 @@
+"""The model side of every model-mode pass: parameters, devices, modes and the one model call.
+
+* :func:`select_params` / :func:`param_shapes` turn ``params=None`` or a list
+  of names into the ordered parameters to differentiate (model order) and
+  their layout;
+* :func:`split_state` detaches them into the two dicts ``torch.func``'s
+  ``functional_call`` takes (the differentiated ones, and everything else);
+* :class:`EvalMode` runs a pass in eval mode and gives every submodule its
+  own ``training`` flag back;
+* :func:`call_model` is the one model-call dispatcher: it builds the
+  positional and keyword arguments from a batch's inputs (:func:`model_args`)
+  and calls the model itself (hooks fire: layer capture) or, given a state,
+  ``torch.func.functional_call`` (per-example gradients, Hessian-vector
+  products); :func:`first_call` is the same on the first batch, with the
+  batch's shapes in the error when the model fails.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+
+import torch
+from torch.func import functional_call
+from torch.utils._pytree import tree_map
+
+from . import validation as V
+
+__all__ = [
+    "EvalMode",
+    "batch_shapes",
+    "call_model",
+    "first_call",
+    "model_args",
+    "model_device",
+    "model_dtype",
+    "param_shapes",
+    "select_params",
+    "split_state",
+]
+
+
+def select_params(model: torch.nn.Module, params, owner) -> OrderedDict:
+    """Ordered ``name -> parameter`` of the parameters to differentiate."""
+    named = OrderedDict(model.named_parameters())
+    if params is None:
+        chosen = OrderedDict((n, p) for n, p in named.items() if p.requires_grad)
+        if not chosen:
+            raise ValueError(
+                f"The model given to {V.owner_name(owner)} has no trainable parameter."
+            )
+        return chosen
+    V.check_params(owner, params)
+    unknown = [n for n in params if n not in named]
+    if unknown:
+        raise ValueError(
+            f"The 'params' parameter of {V.owner_name(owner)} names parameters the model does "
+            f"not have: {unknown}. Available: {list(named)}."
+        )
+    if len(set(params)) != len(params):
+        raise ValueError(
+            f"The 'params' parameter of {V.owner_name(owner)} lists a parameter twice: {params}."
+        )
+    # Model order, whatever order the user listed them in.
+    wanted = set(params)
+    return OrderedDict((n, p) for n, p in named.items() if n in wanted)
+
+
+def param_shapes(selected: Mapping) -> OrderedDict:
+    """``name -> shape`` of selected parameters, in their order."""
+    return OrderedDict((n, tuple(p.shape)) for n, p in selected.items())
+
+
+def split_state(model: torch.nn.Module, selected: Mapping) -> tuple[OrderedDict, dict]:
+    """``(differentiated, frozen)`` detached state for ``functional_call``.
+
+    ``differentiated`` holds the selected parameters (their order), ``frozen``
+    every other parameter and the buffers; ``{**frozen, **differentiated}`` is
+    the model's whole state. Detached copies share storage with the model, so
+    nothing about the model (``requires_grad``, ``.grad``) is touched.
+    """
+    sel = OrderedDict((n, p.detach()) for n, p in selected.items())
+    frozen = {n: p.detach() for n, p in model.named_parameters() if n not in sel}
+    frozen.update(dict(model.named_buffers()))
+    return sel, frozen
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """The device of the model's first parameter (or buffer); the CPU for neither."""
+    for p in model.parameters():
+        return p.device
+    for b in model.buffers():
+        return b.device
+    return torch.device("cpu")
+
+
+def model_dtype(model: torch.nn.Module) -> torch.dtype | None:
+    """The dtype of the model's first floating-point parameter (or buffer), if any."""
+    for t in (*model.parameters(), *model.buffers()):
+        if t.is_floating_point():
+            return t.dtype
+    return None
+
+
+class EvalMode:
+    """Evaluate in eval mode (no dropout, running batch-norm stats), then restore.
+
+    Each submodule gets its own ``training`` flag back, so a model whose
+    parts were in different modes (a frozen, eval-mode backbone under a
+    training head) is left exactly as it was.
+    """
+
+    def __init__(self, model):
+        self.model = model
+
+    def __enter__(self):
+        self.modes = [(m, m.training) for m in self.model.modules()]
+        self.model.eval()
+
+    def __exit__(self, *exc):
+        for module, training in self.modes:
+            module.training = training
+
+
+# --------------------------------------------------------------------------- the model call
+def model_args(inputs) -> tuple[tuple, dict]:
+    """``(args, kwargs)`` of the model call for a batch's inputs.
+
+    A dict holds keyword arguments, a tuple (or list) positional ones, and
+    anything else is the single positional argument.
+    """
+    if isinstance(inputs, Mapping):
+        return (), dict(inputs)
+    if isinstance(inputs, (tuple, list)):
+        return tuple(inputs), {}
+    return (inputs,), {}
+
+
+def call_model(model: torch.nn.Module, inputs, state: Mapping | None = None):
+    """The model's outputs on a batch's inputs: the one model-call dispatcher.
+
+    Without ``state`` the model itself is called (its hooks fire: layer
+    capture); with ``state`` (a full ``name -> tensor`` dict of parameters
+    and buffers) ``torch.func.functional_call`` runs the model on it
+    (per-example gradients and Hessian-vector products under ``vmap``,
+    ``grad``, ``jvp``).
+    """
+    args, kwargs = model_args(inputs)
+    if state is None:
+        return model(*args, **kwargs)
+    return functional_call(model, state, args, kwargs)
+
+
+def batch_shapes(x):
+    """Shapes of a batch's tensors, for error messages (type names elsewhere)."""
+    return tree_map(
+        lambda t: tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__, x
+    )
+
+
+def first_call(call: Callable, inputs, targets, owner):
+    """``call(inputs)`` on the first batch; a failure is re-raised with the batch's shapes."""
+    try:
+        return call(inputs)
+    except Exception as exc:
+        raise ValueError(
+            f"The model given to {V.owner_name(owner)} failed on the first batch of 'data' "
+            f"(inputs of shape {batch_shapes(inputs)}, targets of shape {batch_shapes(targets)}) "
+            f"with {type(exc).__name__}: {exc}\nEach batch must be a pair (inputs, targets) whose "
+            "first dimension is the batch, and inputs are passed to the model as "
+            "model(inputs) (a tuple as positional, a dict as keyword arguments). A list of "
+            "single examples wants a DataLoader: "
+            "torch.utils.data.DataLoader(list_of_pairs, batch_size=...), or a tuple "
+            "(X, y) of stacked arrays."
+        ) from exc

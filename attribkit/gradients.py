@@ -1,0 +1,317 @@
+"""The public per-example gradients: orchestration above the estimators.
+
+The data flow of :func:`per_example_gradients`:
+
+1. the config (the projector's when none is given) and the model are checked;
+   a distributed rank whose shard is empty gets its ``0`` rows at once;
+2. without ``projector`` and ``out`` the per-example gradients of
+   :func:`attribkit._compute.gradients.iter_gradients` (``torch.func``,
+   batch by batch) are concatenated: one ``(n, p)`` tensor, or a dict;
+3. otherwise a source of ``(b, k)`` rows is chosen: the flat gradients
+   themselves (``k = p``); an attribkit estimator's
+   :meth:`~attribkit.BaseEstimator.project_gradients` (the estimator says
+   how it consumes gradients: through ``transform`` by default, from layer
+   hooks without forming them for KroneckerProjector); or, for a plain
+   scikit-learn transformer, its numpy ``transform`` of each batch;
+4. the rows are written batch by batch into ``out`` (checked before any
+   work; a memmap is flushed) or collected into one tensor, in
+   ``config.dtype`` on ``config.device``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+
+import numpy as np
+import torch
+
+from ._compute import validation as V
+from ._compute.data import known_length
+from ._compute.distributed import reducer
+from ._compute.gradients import iter_gradients, layout_params
+from ._compute.model import select_params
+from ._compute.vectors import flatten_dict
+from .base import BaseEstimator
+from .config import ComputeConfig
+
+__all__ = ["per_example_gradients"]
+
+
+_NUMPY_DTYPES = {
+    torch.float16: np.float16,
+    torch.float32: np.float32,
+    torch.float64: np.float64,
+}
+
+
+class _Rows:
+    """The ``(n, k)`` result: filled batch by batch into ``out``, or collected."""
+
+    def __init__(self, out, n: int | None, k: int, config: ComputeConfig):
+        self.out, self.n, self.k, self.filled = out, n, k, 0
+        self.dtype, self.device = config.torch_dtype, config.torch_device
+        self.chunks: list[torch.Tensor] = []
+        if out is not None:
+            self._check()
+
+    def _check(self) -> None:
+        out, name = self.out, "The 'out' argument of per_example_gradients"
+        if isinstance(out, np.ndarray):
+            want = _NUMPY_DTYPES.get(self.dtype)
+            if want is None:
+                raise ValueError(
+                    f"{name} cannot be a numpy array under config.dtype={self.dtype}: numpy "
+                    "has no such dtype. Pass a torch tensor or use another config.dtype."
+                )
+            if out.dtype != want:
+                raise ValueError(
+                    f"{name} must have dtype {np.dtype(want).name} (config.dtype). Got "
+                    f"{out.dtype.name} instead; pass config=ComputeConfig(dtype=...) to match."
+                )
+            if not out.flags.writeable:
+                raise ValueError(f"{name} must be writeable (a memmap opened with mode 'r'?).")
+        elif isinstance(out, torch.Tensor):
+            if out.dtype != self.dtype:
+                raise ValueError(
+                    f"{name} must have dtype {self.dtype} (config.dtype). Got {out.dtype} "
+                    "instead; pass config=ComputeConfig(dtype=...) to match."
+                )
+            if out.requires_grad:
+                raise ValueError(f"{name} must not require grad.")
+        else:
+            raise TypeError(
+                f"{name} must be a numpy array (np.memmap included) or a torch tensor. "
+                f"Got {type(out).__name__} instead."
+            )
+        shape = tuple(out.shape)
+        expected = f"({'n' if self.n is None else self.n}, {self.k})"
+        if len(shape) != 2 or shape[1] != self.k or (self.n is not None and shape[0] != self.n):
+            raise ValueError(f"{name} must have shape {expected}. Got {shape} instead.")
+
+    def add(self, rows: torch.Tensor) -> None:
+        b = rows.shape[0]
+        if self.out is None:
+            self.chunks.append(rows.to(device=self.device, dtype=self.dtype))
+        else:
+            stop = self.filled + b
+            if stop > self.out.shape[0]:
+                raise ValueError(
+                    f"The 'out' argument of per_example_gradients has {self.out.shape[0]} rows "
+                    f"but 'data' yields more examples (at least {stop})."
+                )
+            rows = rows.detach().to(dtype=self.dtype)
+            if isinstance(self.out, np.ndarray):
+                self.out[self.filled : stop] = rows.cpu().numpy()
+            else:
+                self.out[self.filled : stop].copy_(rows)
+        self.filled += b
+
+    def result(self):
+        if self.out is None:
+            return torch.cat(self.chunks)
+        if self.filled != self.out.shape[0]:
+            raise ValueError(
+                f"The 'out' argument of per_example_gradients has {self.out.shape[0]} rows "
+                f"but 'data' yielded {self.filled} examples (rows {self.filled}: are unset)."
+            )
+        if isinstance(self.out, np.memmap):
+            self.out.flush()
+        return self.out
+
+
+def per_example_gradients(
+    model: torch.nn.Module,
+    data,
+    loss="cross_entropy",
+    params=None,
+    config: ComputeConfig | None = None,
+    flatten: bool = True,
+    projector=None,
+    out=None,
+):
+    """Per-example gradients of the loss with respect to the model's parameters.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The model; evaluated in eval mode (mode restored afterwards).
+    data : DataLoader, Dataset, tuple (inputs, targets) or iterable of batches
+        The examples, streamed in ``config.batch_size`` batches when given as
+        a tuple or Dataset.
+    loss : "cross_entropy", "mse" or callable, default="cross_entropy"
+        Per-example loss; a callable takes ``(outputs, targets)`` and returns
+        losses of shape ``(batch,)``.
+    params : list of str, optional
+        Names of the parameters to differentiate (default: all trainable, or
+        the parameters a model-fitted ``projector`` was fitted on).
+    config : ComputeConfig, optional
+        ``dtype`` and ``device`` of the result; ``batch_size``; ``progress``.
+        Default: the projector's config when ``projector`` is an attribkit
+        estimator, else ``ComputeConfig()``.
+    flatten : bool, default=True
+        Return one ``(n, p)`` tensor (parameters flattened and concatenated
+        in model order) instead of a dict ``name -> (n, *shape)``. Must be
+        True with ``projector`` or ``out``.
+    projector : fitted transformer, optional
+        Each batch of gradients is projected before it is kept, so memory is
+        one batch of gradients plus the ``(n, k)`` result. A
+        :class:`~attribkit.RandomProjector` or other transformer fitted on
+        the model differentiates the parameters it was fitted on; one fitted
+        on arrays (or any fitted scikit-learn transformer) takes the flat
+        gradients of ``params``, which must have its ``n_features_in_``
+        entries. An attribkit estimator consumes the gradients through its
+        :meth:`~attribkit.BaseEstimator.project_gradients`; a
+        :class:`~attribkit.KroneckerProjector` never forms per-example
+        gradients there: hooks capture each covered layer's inputs and
+        output gradients and only their projections are multiplied.
+    out : ndarray, np.memmap or torch.Tensor of shape (n, k), optional
+        Preallocated result (``k = p`` without a projector) in
+        ``config.dtype``, filled batch by batch and returned: for results
+        larger than memory, e.g. ``np.lib.format.open_memmap(path, mode="w+",
+        dtype="float32", shape=(n, k))``. Its type, ``ndim``, ``k``, dtype and
+        (when ``data`` has a length: a tuple, a Dataset, a DataLoader with a
+        sized sampler) ``n`` are checked before any work. For data of unknown
+        length, a batch that would overflow ``out`` raises at once and too few
+        examples raise at the end (the rows written stay written). A memmap
+        is flushed before it is returned.
+
+    Returns
+    -------
+    torch.Tensor, dict, or ``out``
+        ``(n, p)`` tensor, a dict of ``(n, *shape)`` tensors, ``(n, k)``
+        projections, or ``out`` itself, filled.
+
+    Notes
+    -----
+    **Distributed.** This function never communicates. Under
+    ``torch.distributed`` each rank passes its own shard of the data and
+    computes (or writes into ``out``) its own rows only; with
+    ``config.distributed`` on (the default ``"auto"``) a rank whose shard is
+    empty and of known length (a tuple of tensors, a Dataset, a DataLoader,
+    an empty list of batches) gets ``0`` rows instead of the empty-data
+    error. To fill one file from every rank, give each rank its row slice of
+    a shared memmap (a slice of an ``np.memmap`` is one)::
+
+        import numpy as np, torch.distributed as dist
+        rank, world = dist.get_rank(), dist.get_world_size()
+        sizes = [None] * world
+        dist.all_gather_object(sizes, len(shard))      # examples per rank
+        start, n = sum(sizes[:rank]), sum(sizes)
+        if rank == 0:                                  # one (n, k) file for all
+            np.lib.format.open_memmap(path, mode="w+", dtype="float32", shape=(n, k))
+        dist.barrier()
+        big = np.load(path, mmap_mode="r+")
+        ak.per_example_gradients(model, shard, projector=proj,
+                                 out=big[start : start + sizes[rank]])
+        dist.barrier()                                 # now every row is written
+
+    or gather the rows in memory (ranks may hold different numbers of rows,
+    so pad to the largest)::
+
+        G = ak.per_example_gradients(model, shard, projector=proj)
+        rows = max(sizes)
+        padded = G.new_zeros(rows, G.shape[1]); padded[: len(G)] = G
+        parts = [torch.empty_like(padded) for _ in range(world)]
+        dist.all_gather(parts, padded)
+        G_all = torch.cat([p[:m] for p, m in zip(parts, sizes)])  # rank order
+
+    Examples
+    --------
+    >>> import torch, attribkit as ak
+    >>> model = torch.nn.Linear(3, 2)
+    >>> X, y = torch.randn(5, 3), torch.tensor([0, 1, 1, 0, 1])
+    >>> ak.per_example_gradients(model, (X, y)).shape
+    torch.Size([5, 8])
+    >>> proj = ak.RandomProjector(proj_dim=4).fit(model)
+    >>> ak.per_example_gradients(model, (X, y), projector=proj).shape
+    torch.Size([5, 4])
+    """
+    if config is None and projector is not None:
+        config = getattr(projector, "_config", None)
+    config = V.check_config("per_example_gradients", config)
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(
+            "The 'model' argument of per_example_gradients must be a torch.nn.Module. "
+            f"Got {type(model).__name__} instead."
+        )
+    device, dtype = config.torch_device, config.torch_dtype
+    empty = known_length(data) == 0 or (isinstance(data, (list, tuple)) and len(data) == 0)
+    if empty and reducer(config, "per_example_gradients").active:  # an empty shard: 0 rows
+        return _no_rows(model, data, loss, params, config, flatten, projector, out)
+    if projector is None and out is None:
+        chunks: dict[str, list] = {}
+        for grads in iter_gradients(model, data, loss=loss, params=params, config=config):
+            for n, g in grads.items():
+                chunks.setdefault(n, []).append(g.to(device=device, dtype=dtype))
+        result = OrderedDict((n, torch.cat(c)) for n, c in chunks.items())
+        if flatten:
+            return flatten_dict(result, result)
+        return result
+    _require_flat(flatten)
+    batches, k = _row_source(model, data, loss, params, config, projector)
+    rows = _Rows(out, known_length(data), k, config)
+    for projected in batches:
+        rows.add(projected)
+    return rows.result()
+
+
+def _row_source(model, data, loss, params, config, projector):
+    """``(iterator of (b, k) rows, k)``: gradients, or their projections by ``projector``.
+
+    Validates everything (parameters, the projector's fit and layout) before
+    returning; the rows are computed as the iterator is consumed.
+    """
+    if projector is None:
+        selected = select_params(model, params, "per_example_gradients")
+        batches = (
+            flatten_dict(grads, grads)
+            for grads in iter_gradients(model, data, loss=loss, params=params, config=config)
+        )
+        return batches, sum(q.numel() for q in selected.values())
+    if isinstance(projector, BaseEstimator):
+        return projector.project_gradients(model, data, loss=loss, params=params, config=config)
+    # Any other fitted transformer (scikit-learn's): numpy in, numpy out.
+    names, p = layout_params(model, projector, params)
+    k = _n_outputs(projector, p)
+
+    def batches():
+        for grads in iter_gradients(model, data, loss=loss, params=names, config=config):
+            flat = flatten_dict(grads, names or grads).cpu().numpy()
+            yield torch.as_tensor(np.asarray(projector.transform(flat)))
+
+    return batches(), k
+
+
+def _n_outputs(projector, n_features: int) -> int:
+    """Width ``k`` of a transformer's output, preferably without running it."""
+    k = getattr(projector, "_n_features_out", None)  # scikit-learn's projectors have it
+    if k is None:  # any other transformer: one zero row tells
+        probe = projector.transform(np.zeros((1, n_features)))
+        k = np.asarray(probe).shape[1]
+    return int(k)
+
+
+def _require_flat(flatten: bool) -> None:
+    if not flatten:
+        raise ValueError(
+            "The 'flatten' argument of per_example_gradients must be True when 'projector' or "
+            "'out' is given (the result is one (n, k) array). Got False."
+        )
+
+
+def _no_rows(model, data, loss, params, config, flatten, projector, out):
+    """The result for a rank whose shard is empty (``per_example_gradients``)."""
+    device, dtype = config.torch_device, config.torch_dtype
+    if projector is None and out is None:
+        selected = select_params(model, params, "per_example_gradients")
+        result = OrderedDict(
+            (n, torch.zeros(0, *q.shape, device=device, dtype=dtype)) for n, q in selected.items()
+        )
+        if flatten:
+            return torch.cat([g.reshape(0, math.prod(g.shape[1:])) for g in result.values()], 1)
+        return result
+    _require_flat(flatten)
+    _, k = _row_source(model, data, loss, params, config, projector)  # never iterated
+    rows = _Rows(out, 0, k, config)
+    return rows.out if out is not None else torch.zeros(0, k, device=device, dtype=dtype)
