@@ -7,6 +7,7 @@ with the selected parameters swapped in, ``grad`` of the per-example loss and
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
@@ -17,6 +18,7 @@ import torch.nn.functional as F
 from torch.func import functional_call, grad, vmap
 
 from . import _validation as V
+from ._compute.guard import use_model
 from ._data import EMPTY_DATA_MESSAGE, EmptyDataError, batch_len, iter_batches
 from .config import ComputeConfig
 
@@ -188,19 +190,30 @@ class _EvalMode:
 
     Each submodule gets its own ``training`` flag back, so a model whose
     parts were in different modes (a frozen, eval-mode backbone under a
-    training head) is left exactly as it was.
+    training head) is left exactly as it was. The model is held for this
+    thread meanwhile (``_compute.guard``): another thread using it at the same
+    time raises ``RuntimeError`` before any mode is changed.
     """
 
-    def __init__(self, model):
+    def __init__(self, model, owner="attribkit"):
         self.model = model
+        self.guard = use_model(model, V._owner(owner))
 
     def __enter__(self):
+        self.guard.__enter__()
         self.modes = [(m, m.training) for m in self.model.modules()]
-        self.model.eval()
+        try:
+            self.model.eval()
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
 
     def __exit__(self, *exc):
-        for module, training in self.modes:
-            module.training = training
+        try:
+            for module, training in self.modes:
+                module.training = training
+        finally:
+            self.guard.__exit__(*exc)
 
 
 def model_dtype(model: torch.nn.Module) -> torch.dtype | None:
@@ -268,7 +281,7 @@ def iter_gradients(
     checked = False
     batch, offset = 0, 0
     batches = iter_batches(data, config, device=device, dtype=dtype, desc=desc)
-    with _EvalMode(model):
+    with _EvalMode(model, owner):
         for inputs, targets in batches:
             if fisher != "empirical" or not checked:
                 with torch.no_grad():
@@ -724,6 +737,13 @@ def per_example_gradients(
             "The 'model' argument of per_example_gradients must be a torch.nn.Module. "
             f"Got {type(model).__name__} instead."
         )
+    # Held from the first look at the model: another thread's functional_call
+    # swaps its parameters for detached copies while it runs.
+    with use_model(model, "per_example_gradients"):
+        return _per_example_gradients(model, data, loss, params, config, flatten, projector, out)
+
+
+def _per_example_gradients(model, data, loss, params, config, flatten, projector, out):
     device, dtype = config.torch_device, config.torch_dtype
     if _known_length(data) == 0 or (isinstance(data, (list, tuple)) and len(data) == 0):
         from ._distributed import reducer
@@ -752,8 +772,11 @@ def per_example_gradients(
             model, data, loss=loss, params=params, config=config
         )
         rows = _Rows(out, _known_length(data), k, config)
-        for projected in batches:
-            rows.add(projected)
+        # Closed on any error here: a suspended generator kept alive by the
+        # traceback would hold the model (hooked, in eval mode) until then.
+        with contextlib.closing(batches):
+            for projected in batches:
+                rows.add(projected)
         return rows.result()
     names, p = _projector_params(model, projector, params)
     k = _n_outputs(projector, p)
@@ -805,6 +828,8 @@ def _no_rows(model, data, params, config, flatten, projector, out):
 
 # --------------------------------------------------------------------------- HVPs
 HVP_MODES = ("rev-fwd", "rev-rev")
+
+
 class MeanLossHVP:
     """Curvature-vector products ``v -> (H + damping I) v`` of the mean loss over ``data``.
 
@@ -1000,7 +1025,7 @@ class MeanLossHVP:
             return
         batches = iter_batches(self.data, self._config, device=self.device, dtype=self.dtype)
         seen, pullback = 0, None
-        with _EvalMode(self.model):
+        with _EvalMode(self.model, self.owner):
             for inputs, targets in batches:
                 if not self._checked:
                     state = {**self._frozen, **self._sel}

@@ -30,6 +30,7 @@ from sklearn.utils.validation import (
 )
 
 from . import _validation as V
+from ._compute.guard import use_model
 from ._distributed import reducer
 from ._vectors import (
     ARRAY_KEY,
@@ -146,7 +147,10 @@ class BaseEstimator(sklearn.base.TransformerMixin, sklearn.base.BaseEstimator):
                 raise TypeError(
                     f"{type(self).__name__} cannot fit from a model: {self._model_mode}"
                 )
-            fitted._fit_model(model, data, config)
+            # The whole fit holds the model: a second thread raises at once
+            # instead of hooking it, or switching its modes, in between passes.
+            with use_model(model, f"{type(self).__name__}.fit"):
+                fitted._fit_model(model, data, config)
             if not hasattr(fitted, "param_shapes_"):  # pragma: no cover - subclass bug
                 raise RuntimeError(f"{type(self).__name__}._fit_model did not set the layout.")
         else:

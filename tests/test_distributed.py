@@ -576,6 +576,15 @@ def test_sharded_datainf_refuses_to_transform_alone(session):
 
 
 @pytest.mark.slow
+def test_collective_transform_writes_nothing_to_the_estimator(session):
+    # Pickled after transform, influence and self_influence ran collectively: every
+    # attribute is a parameter or was set by fit (API section 9: transform may run
+    # in several threads at once, so it must not keep per-call state on the estimator).
+    est = pickle.loads(ok(session["two"])[0]["datainf-auto/pickle"])
+    assert set(est.__dict__) - est._fit_keys - set(est.get_params()) == set()
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["explicit", "datainf", "ekfac", "arnoldi"])
 def test_failures_on_one_rank_fail_every_rank(session, name):
     ranks = ok(session["failures"])

@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 import math
 import numbers
+import threading
 from collections import Counter, OrderedDict
 
 import torch
@@ -22,6 +23,11 @@ from .._gradients import iter_gradients, param_shapes, select_params
 from .._vectors import flatten_dict
 from ..base import BaseEstimator
 from ..config import ComputeConfig
+
+#: Per thread: whether the running collective transform reached its all-reduce.
+#: A thread-local flag, not an attribute, so that transform never writes the
+#: estimator (concurrent calls would read each other's progress).
+_COLLECTIVE = threading.local()
 
 __all__ = ["DataInfIFVP"]
 
@@ -447,11 +453,11 @@ default="module"
         if len(getattr(self, "shard_sizes_", ())) <= 1:
             return super().transform(vectors)
         red = self._shard_reducer()
-        before = getattr(self, "_collective_calls", 0)
+        _COLLECTIVE.reached = False
         try:
             return super().transform(vectors)
         except Exception:
-            if getattr(self, "_collective_calls", 0) == before:
+            if not _COLLECTIVE.reached:
                 # This rank failed before the collective: tell the others,
                 # which would otherwise wait for it, then raise its own error.
                 red.agree("DataInfIFVP.transform", failed=True)
@@ -500,7 +506,7 @@ default="module"
         all-reduce sums; the shards' sum is the single-process sum.
         """
         red = self._shard_reducer()
-        self._collective_calls = getattr(self, "_collective_calls", 0) + 1
+        _COLLECTIVE.reached = True
         # Checksums of V: the ranks must pass the same vectors, not just shapes.
         weights = torch.cos(torch.arange(V.shape[1], device=V.device)).to(V.dtype)
         fingerprint = (

@@ -614,7 +614,7 @@ class EKFACIFVP(BaseEstimator):
         # an empty shard is fine) and finish_* reduces the raw sums once.
         red = make_reducer(config, "EKFACIFVP.fit", device=device)
         kept = ([], 0)  # pass 1's batches while they fit the budget, and their bytes
-        with _EvalMode(model), LayerCapture(model, layers, self) as capture:
+        with _EvalMode(model, "EKFACIFVP.fit"), LayerCapture(model, layers, self) as capture:
             with red.shard_pass("EKFACIFVP.fit (covariance pass)") as shard:
                 for pairs in self._batches(
                     model, data, capture, config, device, dtype, "covariances"
@@ -722,11 +722,14 @@ class EKFACIFVP(BaseEstimator):
 
     def _scale(self, k: int, inverse: bool) -> torch.Tensor:
         key = (k, inverse)
-        if key not in self._scales:
+        scale = self._scales.get(key)
+        if scale is None:
             name = self.layers_[k]
             lam = self.lambdas_[name].to(self._work_dtype) + self.damping_[k]
-            self._scales[key] = lam if inverse else lam.reciprocal()
-        return self._scales[key]
+            # Compute, then publish (concurrent transforms may race here and
+            # compute the same values; one setdefault wins, nothing is half-built).
+            scale = self._scales.setdefault(key, lam if inverse else lam.reciprocal())
+        return scale
 
     @property
     def _work_dtype(self) -> torch.dtype:

@@ -15,6 +15,7 @@ The whole data flow, from ``fit`` to ``transform``:
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -340,7 +341,10 @@ class ExplicitIFVP(BaseEstimator):
             # budget and the smallest available memory over the ranks.
             limits = red.gather_ints(limit)
             limit = (min(b for b, _ in limits), min(a for _, a in limits))
-        self._fit_chunks(self._model_chunks(batches, shapes), None, limit, red)
+        # Closed on any error: a suspended generator kept alive by the traceback
+        # would hold the model (in eval mode) until then.
+        with contextlib.closing(batches):
+            self._fit_chunks(self._model_chunks(batches, shapes), None, limit, red)
 
     def _model_chunks(self, batches, shapes):
         """``(rows, examples)`` float64 chunks from the model's gradient batches.

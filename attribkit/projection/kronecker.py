@@ -280,13 +280,17 @@ class KroneckerProjector(BaseEstimator):
                 f"Got {layer!r} instead."
             )
         position = self.layers_.index(layer)
-        if position not in self._mats:
+        mats = self._mats.get(position)
+        if mats is None:
             d_out, d_in, k_out, k_in = self.layer_dims_[layer]
-            self._mats[position] = (
+            mats = (
                 self._matrix(position, "in", d_in, k_in),
                 self._matrix(position, "out", d_out, k_out),
             )
-        return self._mats[position]
+            # Compute, then publish: concurrent transforms that race here build
+            # the same pure matrices, and all use the one setdefault keeps.
+            mats = self._mats.setdefault(position, mats)
+        return mats
 
     # ------------------------------------------------------------ transform
     def _transform(self, X: torch.Tensor) -> torch.Tensor:
@@ -366,7 +370,10 @@ class KroneckerProjector(BaseEstimator):
         mats = [self.matrices(layer) for layer in self.layers_]
         checked = False
         batches = iter_batches(data, config, device=device, dtype=dtype, desc="projections")
-        with _EvalMode(model), hooks.LayerCapture(model, covered, "per_example_gradients") as cap:
+        with (
+            _EvalMode(model, "per_example_gradients"),
+            hooks.LayerCapture(model, covered, "per_example_gradients") as cap,
+        ):
             for inputs, targets in batches:
                 with torch.enable_grad():
                     outputs = hooks.call_model(model, inputs)

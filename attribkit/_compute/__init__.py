@@ -1,0 +1,1 @@
+"""The low layer shared by every estimator: mechanics that import nothing above them."""
