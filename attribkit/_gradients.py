@@ -686,6 +686,12 @@ def per_example_gradients(
 
     Notes
     -----
+    **Threads.** The model is held for the calling thread while this runs: a
+    call from another thread on the same model (or on one sharing a
+    submodule), or a ``fit`` on it, raises ``RuntimeError`` instead of
+    corrupting both (the model is switched to eval mode and, for some
+    projectors, hooked meanwhile). Use one ``copy.deepcopy(model)`` per thread.
+
     **Distributed.** This function never communicates. Under
     ``torch.distributed`` each rank passes its own shard of the data and
     computes (or writes into ``out``) its own rows only; with
