@@ -210,7 +210,7 @@ def _fit_everything(rank: int, world: int, arg, distributed=True) -> dict:
     for name, kwargs in {"auto": {}, "fixed": {"damping": 0.3, "layers": "parameter"}}.items():
         est = ak.DataInfIFVP(config=cfg, **kwargs).fit(big, data)
         V = _probe(est.n_features_in_)
-        out[f"datainf-{name}/damping"] = torch.tensor(est.damping_)
+        out[f"datainf-{name}/damping"] = torch.tensor(est.damping_, dtype=torch.float64)
         out[f"datainf-{name}/n"] = est.n_samples_
         out[f"datainf-{name}/T"] = est.transform(V)
         as_dict = est.transform(dict(zip(est.param_shapes_, _split(V, est.param_shapes_))))
@@ -235,7 +235,7 @@ def _fit_everything(rank: int, world: int, arg, distributed=True) -> dict:
         est = ak.EKFACIFVP(config=cfg, **kwargs).fit(big, data)
         V = _probe(est.n_features_in_)
         out[f"ekfac-{name}/n"] = est.n_samples_
-        out[f"ekfac-{name}/damping"] = torch.tensor(est.damping_)
+        out[f"ekfac-{name}/damping"] = torch.tensor(est.damping_, dtype=torch.float64)
         for layer in est.layers_:
             for side in ("input", "output"):
                 w = getattr(est, f"{side}_eigenvalues_")[layer]
