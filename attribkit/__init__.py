@@ -6,6 +6,7 @@ from .base import BaseEstimator
 from .config import ComputeConfig
 from .gradients import per_example_gradients
 from .ifvp import EKFACIFVP, DataInfIFVP, ExplicitIFVP
+from .persistence import load, save
 from .projection import ArnoldiProjector, KroneckerProjector, RandomProjector
 
 __version__ = "0.1.0"
@@ -25,6 +26,9 @@ __all__ = [
     "per_example_gradients",
     "influence",
     "self_influence",
+    # persistence (safe: safetensors + JSON, no pickle on load)
+    "save",
+    "load",
     # evaluation against retraining (attribkit.evaluation.loo_correlation, .lds)
     "evaluation",
 ]

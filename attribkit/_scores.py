@@ -30,7 +30,7 @@ from ._compute import progress
 from ._compute import validation as V
 from ._compute.budget import rows_within
 from ._compute.precision import itemsize
-from ._compute.vectors import flatten_input, unflatten_output
+from ._compute.vectors import all_finite, flatten_input, unflatten_output
 
 __all__ = ["influence", "self_influence"]
 
@@ -164,6 +164,14 @@ def _out(t: torch.Tensor, kind: str):
     return unflatten_output(t, kind, None)
 
 
+def _overflow(est, what: str) -> ValueError:
+    """Finite inputs (checked on the way in) gave non-finite ``what``: an overflow."""
+    return ValueError(
+        f"{type(est).__name__} produced non-finite {what} from finite vectors: the result "
+        f"overflows config.dtype={est._config.dtype!r}. Use a wider dtype."
+    )
+
+
 # --------------------------------------------------------------------------- influence
 def influence(ifvp, train_vectors, test_vectors, top_k: int | None = None):
     """Influence scores ``ifvp.transform(test) @ train.T``, block by block.
@@ -210,6 +218,14 @@ def influence(ifvp, train_vectors, test_vectors, top_k: int | None = None):
         smallest (most negative) scores in increasing order and
         ``bottom_indices`` theirs; equal to ``torch.topk`` of the full
         matrix (largest and smallest). Same array type as ``scores``.
+
+    Raises
+    ------
+    ValueError
+        When the vectors contain NaN or infinity, or when finite vectors give
+        non-finite scores (they overflow ``config.dtype``; the message names
+        it): no score matrix or ranking with inf or NaN is ever returned. The
+        check costs one reduction per block of scores.
 
     Notes
     -----
@@ -263,6 +279,12 @@ def influence(ifvp, train_vectors, test_vectors, top_k: int | None = None):
             for s in range(0, len(test), _SELF_BLOCK)
         ]
     )
+    # Inputs are checked finite as they are flattened, so a NaN or infinity
+    # here or in a block of scores is an overflow of config.dtype (API section
+    # 9): raise rather than return it, or rank it in top_k. One reduction per
+    # block (all_finite), the elementwise test only when that sum is not finite.
+    if not all_finite(preconditioned):
+        raise _overflow(est, "influence scores")
     m = preconditioned.shape[0]
     side = _Side(est, pre, "train_vectors", owner)
     item = itemsize(dtype)
@@ -291,9 +313,13 @@ def influence(ifvp, train_vectors, test_vectors, top_k: int | None = None):
             if flat.shape[0] != stop - start:  # pragma: no cover - a preprocess changed rows
                 raise ValueError("The pipeline's earlier steps changed the number of rows.")
             if top_k is None:
-                torch.mm(preconditioned, flat.T, out=scores[:, start:stop])
+                block = scores[:, start:stop]
             else:
-                torch.mm(preconditioned, flat.T, out=window[:, top_k : top_k + stop - start])
+                block = window[:, top_k : top_k + stop - start]
+            torch.mm(preconditioned, flat.T, out=block)
+            if not all_finite(block):
+                raise _overflow(est, "influence scores")
+            if top_k is not None:
                 candidates = window[:, top_k - kept : top_k + stop - start]
                 k = min(top_k, kept + stop - start)
                 top = _select(candidates, top, k, start, largest=True)
@@ -346,6 +372,12 @@ def self_influence(ifvp, vectors):
         The products are summed in the precision of the estimator's
         ``transform`` (float64 for ExplicitIFVP) before the cast.
 
+    Raises
+    ------
+    ValueError
+        When the vectors contain NaN or infinity, or when finite vectors give
+        non-finite scores (they overflow ``config.dtype``; the message names it).
+
     Examples
     --------
     >>> import torch, attribkit as ak
@@ -381,9 +413,6 @@ def self_influence(ifvp, vectors):
             work = torch.promote_types(pre_flat.dtype, flat.dtype)
             out[start:stop] = (pre_flat.to(work) * flat.to(work)).sum(1).to(dtype)
             bar.update(1)
-    if not bool(torch.isfinite(out).all()):
-        raise ValueError(
-            f"{type(est).__name__} produced non-finite self-influence from finite vectors: "
-            f"the result overflows config.dtype={est._config.dtype!r}. Use a wider dtype."
-        )
+    if not all_finite(out):
+        raise _overflow(est, "self-influence")
     return _out(out, kind)

@@ -33,6 +33,7 @@ from torch.utils._pytree import tree_map
 from ._compute import validation as V
 from ._compute.distributed import reducer
 from ._compute.gradients import iter_gradients, layout_params
+from ._compute.guard import use_model
 from ._compute.vectors import (
     ARRAY_KEY,
     all_finite,
@@ -68,6 +69,18 @@ class BaseEstimator(sklearn.base.TransformerMixin, sklearn.base.BaseEstimator):
     A failed ``fit`` leaves a previously fitted estimator unchanged. Fitted
     estimators pickle with their state on the CPU and no model or data; on
     load the state goes back to ``config.device`` when that is available.
+    :func:`attribkit.save` / :func:`attribkit.load` store the same state
+    without pickle, in a safetensors file that is safe to load from anyone
+    (hooks ``_persist_state`` / ``_restore_state``).
+
+    **Threads.** ``transform`` (and ``inverse_transform``, ``ihvp``) of a
+    fitted estimator may be called from several threads at once and gives
+    the serial result: it never writes the fitted state, and its caches are
+    filled once. A model is used by one thread at a time: ``fit`` on a model
+    that another thread is fitting on, or differentiating with
+    :func:`~attribkit.per_example_gradients`, raises ``RuntimeError`` in the
+    second thread (before touching the model); give each thread its own
+    ``copy.deepcopy(model)``.
 
     Attributes
     ----------
@@ -141,7 +154,10 @@ class BaseEstimator(sklearn.base.TransformerMixin, sklearn.base.BaseEstimator):
                 raise TypeError(
                     f"{type(self).__name__} cannot fit from a model: {self._model_mode}"
                 )
-            fitted._fit_model(model, data, config)
+            # The whole fit holds the model: a second thread raises at once
+            # instead of hooking it, or switching its modes, in between passes.
+            with use_model(model, f"{type(self).__name__}.fit"):
+                fitted._fit_model(model, data, config)
             if not hasattr(fitted, "param_shapes_"):  # pragma: no cover - subclass bug
                 raise RuntimeError(f"{type(self).__name__}._fit_model did not set the layout.")
         else:
@@ -405,6 +421,28 @@ class BaseEstimator(sklearn.base.TransformerMixin, sklearn.base.BaseEstimator):
             self._move(target)
         else:
             self._init_transient()
+
+    # ------------------------------------------------------------ ak.save / ak.load
+    def _persist_state(self) -> dict:
+        """The attributes :func:`attribkit.save` writes: by default what pickle stores.
+
+        That is ``__getstate__()``: every attribute but the ``_transient``
+        caches, tensors detached on the CPU. Every value must be plain data
+        (see :mod:`attribkit.persistence`); ``save`` raises ``TypeError``
+        naming an attribute that is not. An estimator holding more (a model or
+        data by reference) overrides this to return what a file can keep,
+        overrides :meth:`_restore_state` to match, and says in its docstring
+        what a saved file keeps.
+        """
+        return self.__getstate__()
+
+    def _restore_state(self, state: dict) -> None:
+        """Set a state :func:`attribkit.load` read, on an instance made without ``__init__``.
+
+        By default as unpickling does (``__setstate__``): transient caches are
+        rebuilt and the state goes to ``config.device`` when that is available.
+        """
+        self.__setstate__(state)
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()

@@ -20,6 +20,7 @@ The data flow of :func:`per_example_gradients`:
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections import OrderedDict
 
@@ -29,6 +30,7 @@ import torch
 from ._compute import validation as V
 from ._compute.data import known_length
 from ._compute.distributed import reducer
+from ._compute.guard import use_model
 from ._compute.gradients import iter_gradients, layout_params
 from ._compute.model import select_params
 from ._compute.vectors import flatten_dict
@@ -184,6 +186,12 @@ def per_example_gradients(
 
     Notes
     -----
+    **Threads.** The model is held for the calling thread while this runs: a
+    call from another thread on the same model (or on one sharing a
+    submodule), or a ``fit`` on it, raises ``RuntimeError`` instead of
+    corrupting both (the model is switched to eval mode and, for some
+    projectors, hooked meanwhile). Use one ``copy.deepcopy(model)`` per thread.
+
     **Distributed.** This function never communicates. Under
     ``torch.distributed`` each rank passes its own shard of the data and
     computes (or writes into ``out``) its own rows only; with
@@ -235,6 +243,13 @@ def per_example_gradients(
             "The 'model' argument of per_example_gradients must be a torch.nn.Module. "
             f"Got {type(model).__name__} instead."
         )
+    # Held from the first look at the model: another thread's functional_call
+    # swaps its parameters for detached copies while it runs.
+    with use_model(model, "per_example_gradients"):
+        return _per_example_gradients(model, data, loss, params, config, flatten, projector, out)
+
+
+def _per_example_gradients(model, data, loss, params, config, flatten, projector, out):
     device, dtype = config.torch_device, config.torch_dtype
     empty = known_length(data) == 0 or (isinstance(data, (list, tuple)) and len(data) == 0)
     if empty and reducer(config, "per_example_gradients").active:  # an empty shard: 0 rows
@@ -251,8 +266,12 @@ def per_example_gradients(
     _require_flat(flatten)
     batches, k = _row_source(model, data, loss, params, config, projector)
     rows = _Rows(out, known_length(data), k, config)
-    for projected in batches:
-        rows.add(projected)
+    # Closed on any error here: a suspended generator kept alive by the
+    # traceback would hold the model (hooked, in eval mode) until then.
+    closing = contextlib.closing if hasattr(batches, "close") else contextlib.nullcontext
+    with closing(batches):
+        for projected in batches:
+            rows.add(projected)
     return rows.result()
 
 

@@ -218,8 +218,35 @@ def kronecker_projection(projector, layers, V):
 
 
 # --------------------------------------------------------------------------- comparison
-def assert_close(actual, expected, rtol=1e-10, atol=0.0):
-    """Relative error in the max norm, the way the numerical tests state tolerances."""
+#: Default relative tolerance per precision: float64 to ~1e-10, float32 to ~1e-6 (API
+#: section 9: tolerances follow the dtype, never tighter than it allows).
+RTOL = {torch.float64: 1e-10, torch.float32: 1e-6, torch.bfloat16: 1e-2, torch.float16: 1e-3}
+
+
+def _precision(*values) -> torch.dtype:
+    """The lowest floating precision among ``values`` (float64 when none is floating)."""
+    order = [torch.bfloat16, torch.float16, torch.float32]
+    found = {torch.as_tensor(v).dtype for v in values}
+    return next((d for d in order if d in found), torch.float64)
+
+
+def assert_close(actual, expected, rtol=None, atol=0.0):
+    """Relative error in the max norm, the way the numerical tests state tolerances.
+
+    ``rtol`` defaults to :data:`RTOL` of the lower precision of the two
+    values. An explicit ``rtol`` below that precision's machine epsilon (other
+    than 0, which asks for exact equality) is refused: such a test could only
+    pass by luck of rounding.
+    """
+    precision = _precision(actual, expected)
+    if rtol is None:
+        rtol = RTOL[precision]
+    elif 0 < rtol < torch.finfo(precision).eps:
+        raise AssertionError(
+            f"rtol={rtol:g} is tighter than {precision} allows (eps "
+            f"{torch.finfo(precision).eps:.2g}): use rtol >= ~{RTOL[precision]:g}, compute in "
+            "float64, or rtol=0 for values that must be bit-identical."
+        )
     actual = torch.as_tensor(actual).double()
     expected = torch.as_tensor(expected).double()
     scale = expected.abs().max().clamp_min(1e-300)

@@ -65,7 +65,11 @@ def dict_gradients(n=20, seed=0):
     return OrderedDict([("a", G[:, :6].reshape(n, 3, 2)), ("b", G[:, 6:])]), G
 
 
-def same(a, b, rtol=1e-12):
+def same(a, b, rtol=None):
+    """Equal to rounding: default 1e-12 for float64, 1e-6 if either is float32; 0 = exact."""
+    if rtol is None:
+        low = {torch.as_tensor(a).dtype, torch.as_tensor(b).dtype} - {torch.float64}
+        rtol = 1e-6 if low else 1e-12
     a, b = torch.as_tensor(a).double(), torch.as_tensor(b).double()
     assert a.shape == b.shape
     assert torch.allclose(a, b, rtol=rtol, atol=rtol * float(b.abs().max().clamp_min(1)))

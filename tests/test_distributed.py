@@ -211,7 +211,7 @@ def _fit_everything(rank: int, world: int, arg, distributed=True) -> dict:
     for name, kwargs in {"auto": {}, "fixed": {"damping": 0.3, "layers": "parameter"}}.items():
         est = ak.DataInfIFVP(config=cfg, **kwargs).fit(big, data)
         V = _probe(est.n_features_in_)
-        out[f"datainf-{name}/damping"] = torch.tensor(est.damping_)
+        out[f"datainf-{name}/damping"] = torch.tensor(est.damping_, dtype=torch.float64)
         out[f"datainf-{name}/n"] = est.n_samples_
         out[f"datainf-{name}/T"] = est.transform(V)
         as_dict = est.transform(dict(zip(est.param_shapes_, _split(V, est.param_shapes_))))
@@ -236,7 +236,7 @@ def _fit_everything(rank: int, world: int, arg, distributed=True) -> dict:
         est = ak.EKFACIFVP(config=cfg, **kwargs).fit(big, data)
         V = _probe(est.n_features_in_)
         out[f"ekfac-{name}/n"] = est.n_samples_
-        out[f"ekfac-{name}/damping"] = torch.tensor(est.damping_)
+        out[f"ekfac-{name}/damping"] = torch.tensor(est.damping_, dtype=torch.float64)
         for layer in est.layers_:
             for side in ("input", "output"):
                 w = getattr(est, f"{side}_eigenvalues_")[layer]
@@ -560,6 +560,15 @@ def test_sharded_datainf_refuses_to_transform_alone(session):
     est = pickle.loads(ok(session["two"])[0]["datainf-auto/pickle"])
     with pytest.raises(RuntimeError, match="fitted across 2 processes.*rank 0's shard"):
         est.transform(_probe(est.n_features_in_))
+
+
+@pytest.mark.slow
+def test_collective_transform_writes_nothing_to_the_estimator(session):
+    # Pickled after transform, influence and self_influence ran collectively: every
+    # attribute is a parameter or was set by fit (API section 9: transform may run
+    # in several threads at once, so it must not keep per-call state on the estimator).
+    est = pickle.loads(ok(session["two"])[0]["datainf-auto/pickle"])
+    assert set(est.__dict__) - est._fit_keys - set(est.get_params()) == set()
 
 
 @pytest.mark.slow

@@ -292,3 +292,58 @@ def test_one_block_of_copies_at_a_time(tmp_path):
         finally:
             tracemalloc.stop()
         assert peak < budget, (top_k, peak)  # two blocks alive: 82 kB and 69 kB
+
+
+# ----------------------------------------------------------------- overflow (API section 9)
+F32_TINY = ak.ComputeConfig(dtype="float32", progress=False, memory_budget=600)
+OVERFLOW = r"ExplicitIFVP produced non-finite {} from finite vectors: .*config\.dtype='float32'"
+
+
+@pytest.mark.parametrize("top_k", [None, 2])
+@pytest.mark.parametrize("config", [ak.ComputeConfig(dtype="float32"), F32_TINY])
+def test_influence_raises_when_finite_vectors_overflow_the_dtype(config, top_k):
+    G, _ = data()
+    G = G.float()
+    ifvp = ak.ExplicitIFVP(damping="auto", config=config).fit(G)
+    # The issue's case: every score ~1e40 > float32's max, although every input is finite.
+    with pytest.raises(ValueError, match=OVERFLOW.format("influence scores")):
+        ak.influence(ifvp, G * 1e20, G[:3] * 1e20, top_k=top_k)
+    # One overflowing training row, in the last block when blocks are many: no
+    # ranking is returned with an inf or NaN in it.
+    train = G.clone()
+    train[-1] *= 1e38
+    with pytest.raises(ValueError, match=OVERFLOW.format("influence scores")):
+        ak.influence(ifvp, train, G[:3], top_k=top_k)
+    # Test vectors whose preconditioned values already overflow: 1e37 along a
+    # direction the Fisher lacks is multiplied by 1 / damping = 1e3.
+    flat = G.clone()
+    flat[:, 0] = 0
+    ifvp_flat = ak.ExplicitIFVP(damping=1e-3, config=config).fit(flat)
+    test = torch.zeros(3, flat.shape[1])
+    test[:, 0] = 1e37
+    with pytest.raises(ValueError, match=OVERFLOW.format("influence scores")):
+        ak.influence(ifvp_flat, flat, test, top_k=top_k)
+    # self_influence says it the same way.
+    with pytest.raises(ValueError, match=OVERFLOW.format("self-influence")):
+        ak.self_influence(ifvp, G * 1e20)
+
+
+def test_large_finite_scores_are_not_an_overflow():
+    # 40 scores near float32's max, all positive, so their sum overflows: each
+    # is finite, so they are returned (the cheap test is a sum; a non-finite
+    # sum is checked entry by entry before anything is called an overflow).
+    G, T = data(n=40, m=1)
+    ifvp = ak.ExplicitIFVP(damping=0.1, config=F64).fit(G)
+    train = T.repeat(40, 1) * torch.linspace(0.5, 1.0, 40, dtype=torch.float64)[:, None]
+    exact = ak.influence(ifvp, train, T)
+    assert bool((exact > 0).all())
+    scale = float((1e38 / exact.max()).sqrt())
+    cfg32 = ak.ComputeConfig(dtype="float32", progress=False)
+    ifvp32 = ak.ExplicitIFVP(damping=0.1, config=cfg32).fit(G)
+    scores = ak.influence(ifvp32, train * scale, T * scale)
+    assert bool(torch.isfinite(scores).all()) and not bool(torch.isfinite(scores.sum()))
+    assert_close(scores, exact * scale**2, rtol=1e-6)
+    top, top_idx, bottom, bottom_idx = ak.influence(ifvp32, train * scale, T * scale, top_k=3)
+    assert top_idx[0].tolist() == [39, 38, 37] and bottom_idx[0].tolist() == [0, 1, 2]
+    assert_close(top, scores[:, [39, 38, 37]], rtol=0)
+    assert_close(bottom, scores[:, [0, 1, 2]], rtol=0)

@@ -15,6 +15,7 @@ Layers, from the bottom (imports only run down, checked by
    * ``data`` - every kind of ``data`` as ``(inputs, targets)`` batches;
    * ``vectors`` - user containers (numpy, torch, dict) <-> flat tensors;
    * ``distributed`` - the Reducer over ``torch.distributed``;
+   * ``guard`` - one ``nn.Module`` used by one thread at a time;
    * ``model`` - parameter selection, eval mode, the one model-call dispatcher;
    * ``targets`` - losses and the one generator of Fisher target batches
      (empirical, true, expected);

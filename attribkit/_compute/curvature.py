@@ -220,7 +220,7 @@ class MeanLossHVP:
             return
         batches = iter_batches(self.data, self._config, device=self.device, dtype=self.dtype)
         seen, pullback = 0, None
-        with EvalMode(self.model):
+        with EvalMode(self.model, self.owner):
             for inputs, targets in batches:
                 if not self._checked:
                     with torch.no_grad():

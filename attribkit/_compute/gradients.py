@@ -100,7 +100,7 @@ def iter_gradients(
         data, loss=loss, fisher=fisher, call=outputs_of, config=config, owner=owner,
         device=model_device(model), dtype=model_dtype(model), desc=desc,
     )  # fmt: skip
-    with EvalMode(model):
+    with EvalMode(model, owner):
         for tb in batches:
             if tb.weights is None:
                 out = _batch_gradients(per_example, sel, names, tb.inputs, tb.targets)

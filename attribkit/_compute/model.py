@@ -25,6 +25,7 @@ from torch.func import functional_call
 from torch.utils._pytree import tree_map
 
 from . import validation as V
+from .guard import use_model
 
 __all__ = [
     "EvalMode",
@@ -107,19 +108,30 @@ class EvalMode:
 
     Each submodule gets its own ``training`` flag back, so a model whose
     parts were in different modes (a frozen, eval-mode backbone under a
-    training head) is left exactly as it was.
+    training head) is left exactly as it was. The model is held for this
+    thread meanwhile (:mod:`attribkit._compute.guard`): another thread using
+    it at the same time raises ``RuntimeError`` before any mode is changed.
     """
 
-    def __init__(self, model):
+    def __init__(self, model, owner="attribkit"):
         self.model = model
+        self.guard = use_model(model, V.owner_name(owner))
 
     def __enter__(self):
+        self.guard.__enter__()
         self.modes = [(m, m.training) for m in self.model.modules()]
-        self.model.eval()
+        try:
+            self.model.eval()
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
 
     def __exit__(self, *exc):
-        for module, training in self.modes:
-            module.training = training
+        try:
+            for module, training in self.modes:
+                module.training = training
+        finally:
+            self.guard.__exit__(*exc)
 
 
 # --------------------------------------------------------------------------- the model call

@@ -36,6 +36,7 @@ tensor, one all-reduce sums the shards, and every rank finishes
 from __future__ import annotations
 
 import itertools
+import threading
 from collections import Counter, OrderedDict
 
 import torch
@@ -49,6 +50,11 @@ from .._compute.precision import itemsize, matmul_dtype
 from .._compute.vectors import flatten_dict, offsets
 from ..base import BaseEstimator
 from ..config import ComputeConfig
+
+#: Per thread: whether the running collective transform reached its all-reduce.
+#: A thread-local flag, not an attribute, so that transform never writes the
+#: estimator (concurrent calls would read each other's progress).
+_COLLECTIVE = threading.local()
 
 __all__ = ["DataInfIFVP"]
 
@@ -461,11 +467,11 @@ default="module"
         if len(getattr(self, "shard_sizes_", ())) <= 1:
             return super().transform(vectors)
         red = self._shard_reducer()
-        before = getattr(self, "_collective_calls", 0)
+        _COLLECTIVE.reached = False
         try:
             return super().transform(vectors)
         except Exception:
-            if getattr(self, "_collective_calls", 0) == before:
+            if not _COLLECTIVE.reached:
                 # This rank failed before the collective: tell the others,
                 # which would otherwise wait for it, then raise its own error.
                 red.agree("DataInfIFVP.transform", failed=True)
@@ -513,7 +519,7 @@ default="module"
         all-reduce sums; the shards' sum is the single-process sum.
         """
         red = self._shard_reducer()
-        self._collective_calls = getattr(self, "_collective_calls", 0) + 1
+        _COLLECTIVE.reached = True
         # Checksums of V: the ranks must pass the same vectors, not just shapes.
         weights = torch.cos(torch.arange(V.shape[1], device=V.device)).to(V.dtype)
         fingerprint = (

@@ -667,7 +667,7 @@ class EKFACIFVP(BaseEstimator):
         # ends with shard_pass (global count; every rank raises if one failed;
         # an empty shard is fine) and finish_* reduces the raw sums once.
         red = make_reducer(config, "EKFACIFVP.fit", device=device)
-        with EvalMode(model), LayerCapture(model, layers, self) as capture:
+        with EvalMode(model, "EKFACIFVP.fit"), LayerCapture(model, layers, self) as capture:
 
             def stream(stage):
                 return self._batches(model, data, capture, config, device, dtype, stage)
@@ -753,11 +753,14 @@ class EKFACIFVP(BaseEstimator):
 
     def _scale(self, k: int, inverse: bool) -> torch.Tensor:
         key = (k, inverse)
-        if key not in self._scales:
+        scale = self._scales.get(key)
+        if scale is None:
             name = self.layers_[k]
             lam = self.lambdas_[name].to(self._work_dtype) + self.damping_[k]
-            self._scales[key] = lam if inverse else lam.reciprocal()
-        return self._scales[key]
+            # Compute, then publish (concurrent transforms may race here and
+            # compute the same values; one setdefault wins, nothing is half-built).
+            scale = self._scales.setdefault(key, lam if inverse else lam.reciprocal())
+        return scale
 
     @property
     def _work_dtype(self) -> torch.dtype:

@@ -15,6 +15,8 @@ The whole data flow, from ``fit`` to ``transform``:
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from .._compute import budget, progress
@@ -285,7 +287,10 @@ class ExplicitIFVP(BaseEstimator):
             # budget and the smallest available memory over the ranks.
             limits = red.gather_ints(limit)
             limit = (min(b for b, _ in limits), min(a for _, a in limits))
-        self._fit_chunks(self._model_chunks(batches, shapes), None, limit, red)
+        # Closed on any error: a suspended generator kept alive by the traceback
+        # would hold the model (in eval mode) until then.
+        with contextlib.closing(batches):
+            self._fit_chunks(self._model_chunks(batches, shapes), None, limit, red)
 
     def _model_chunks(self, batches, shapes):
         """``(rows, examples)`` float64 chunks from the model's gradient batches.

@@ -81,7 +81,8 @@ Drawing the random numbers, not the matmul, is the expensive part, so
   ``embedding``);
 * fresh cache / block buffers are pre-faulted with a single ``zero_()`` and
   scratch buffers are reused: first-touch page faults inside the generation
-  passes measured as expensive as the generation itself;
+  passes measured as expensive as the generation itself (the scratch is
+  per thread, so concurrent projections never share it);
 * sjlt never touches a dense matrix: signs are folded into the index of an
   ``index_add_`` over a doubled output ``(n, 2 * proj_dim)``, which was much
   faster on CPU than torch sparse CSR/COO products (and than index_add_ on
@@ -92,6 +93,7 @@ from __future__ import annotations
 
 import math
 import sys
+import threading
 
 import torch
 
@@ -505,13 +507,17 @@ class Projection:
     )
 
     def _reset(self) -> None:
-        self._cache: torch.Tensor | None = None  # full dense matrix (compute dtype)
+        # Caches shared by every thread, filled once under the lock (read freely
+        # once published; their contents never change afterwards).
+        self._cache: torch.Tensor | None = None  # leading rows of the dense matrix
         self._table_c: torch.Tensor | None = None
         self._sj_index: torch.Tensor | None = None  # (s, p) folded sjlt indices
-        self._ws: _Workspace | None = None  # hashing scratch buffers
-        # Reused streamed-block buffer: a fresh 64 MiB block per step costs
-        # page faults comparable to generating it.
-        self._blockbuf: torch.Tensor | None = None
+        self._lock = threading.Lock()
+        # Scratch written by every projection, one set per thread: the hashing
+        # buffers (``ws``) and the streamed-block buffer (``blockbuf``; a fresh
+        # 64 MiB block per step costs page faults comparable to generating it).
+        # Shared between threads, concurrent calls overwrote each other's blocks.
+        self._scratch = threading.local()
 
     def __getstate__(self):
         state = {name: getattr(self, name) for name in self._PARAMS}
@@ -553,11 +559,11 @@ class Projection:
         return _key(self.seed, self.proj_type, self.sparsity)
 
     def _table(self) -> torch.Tensor:
-        if self._table_c is None:
-            self._table_c = _table(
-                self.proj_type, self.proj_dim, self.dtype, self._compute, self.device
-            )
-        return self._table_c
+        table = self._table_c
+        if table is None:  # small and pure: a thread that races here builds the same one
+            table = _table(self.proj_type, self.proj_dim, self.dtype, self._compute, self.device)
+            self._table_c = table
+        return table
 
     def _rows_per_block(self) -> int:
         if self._block_rows is not None:
@@ -567,9 +573,10 @@ class Projection:
 
     def _workspace(self, rows: int) -> _Workspace:
         ng, sub, per_idx = _plan(self.proj_type, rows, self.proj_dim)
-        if self._ws is None or not self._ws.fits(sub * ng, sub * ng * per_idx, self.device):
-            self._ws = _Workspace(sub * ng, sub * ng * per_idx, self.device)
-        return self._ws
+        ws = getattr(self._scratch, "ws", None)
+        if ws is None or not ws.fits(sub * ng, sub * ng * per_idx, self.device):
+            ws = self._scratch.ws = _Workspace(sub * ng, sub * ng * per_idx, self.device)
+        return ws
 
     def _gen(self, r0: int, r1: int, out: torch.Tensor | None = None) -> torch.Tensor:
         """Rows [r0, r1) in the compute dtype (values rounded to self.dtype)."""
@@ -595,8 +602,17 @@ class Projection:
         return min(self.n_features, blocks * step)
 
     def _prefix(self) -> torch.Tensor:
-        """The cached leading rows (``_cached_rows()`` of them), built on first use."""
-        if self._cache is None:
+        """The cached leading rows (``_cached_rows()`` of them), built on first use.
+
+        Built once under the lock: threads that ask meanwhile wait for it
+        rather than each building a copy (which would exceed the budget).
+        """
+        cache = self._cache
+        if cache is not None:
+            return cache
+        with self._lock:
+            if self._cache is not None:
+                return self._cache
             rows = self._cached_rows()
             out = torch.empty((rows, self.proj_dim), dtype=self._compute, device=self.device)
             if out.device.type == "cpu":
@@ -610,19 +626,23 @@ class Projection:
                 self._gen(r0, r1, out[r0:r1])
             self._cache = out
             if rows == self.n_features:
-                self._ws = None  # scratch is not needed any more
-        return self._cache
+                self._scratch.ws = None  # this thread's scratch is not needed any more
+        return out
 
     def _sjlt_index(self) -> torch.Tensor:
         """(s, p) index into the doubled output: 2*col + (sign < 0)."""
-        if self._sj_index is None:
-            cols, neg = _sjlt_hash(
-                self._key, self.sparsity, 0, self.n_features, self.proj_dim, self.device
-            )
-            # int64 on purpose: CPU index_add_ with an int32 index falls off the
-            # fast path (measured 16x slower).
-            self._sj_index = cols.mul_(2).add_(neg).t().contiguous()
-        return self._sj_index
+        index = self._sj_index
+        if index is not None:
+            return index
+        with self._lock:  # built once, as _prefix
+            if self._sj_index is None:
+                cols, neg = _sjlt_hash(
+                    self._key, self.sparsity, 0, self.n_features, self.proj_dim, self.device
+                )
+                # int64 on purpose: CPU index_add_ with an int32 index falls off the
+                # fast path (measured 16x slower).
+                self._sj_index = cols.mul_(2).add_(neg).t().contiguous()
+            return self._sj_index
 
     # -- public API ----------------------------------------------------------------
     def matrix(self, rows: tuple[int, int] | None = None) -> torch.Tensor:
@@ -686,11 +706,11 @@ class Projection:
             Y = torch.zeros((n, self.proj_dim), dtype=cd, device=self.device)
             start = 0
         if cached < p:
-            buf = self._blockbuf
+            buf = getattr(self._scratch, "blockbuf", None)
             if buf is None or buf.shape[0] != step or buf.dtype != cd:
                 buf = torch.empty((step, self.proj_dim), dtype=cd, device=self.device)
                 buf.zero_()  # pre-fault once (see _prefix)
-                self._blockbuf = buf
+                self._scratch.blockbuf = buf
         for r0 in _blocks(range(start, p, step), progress, "RandomProjector blocks"):
             r1 = min(p, r0 + step)
             # Blocks are whole multiples of step, so none straddles the cache end.

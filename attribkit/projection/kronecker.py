@@ -279,13 +279,17 @@ class KroneckerProjector(BaseEstimator):
                 f"Got {layer!r} instead."
             )
         position = self.layers_.index(layer)
-        if position not in self._mats:
+        mats = self._mats.get(position)
+        if mats is None:
             d_out, d_in, k_out, k_in = self.layer_dims_[layer]
-            self._mats[position] = (
+            mats = (
                 self._matrix(position, "in", d_in, k_in),
                 self._matrix(position, "out", d_out, k_out),
             )
-        return self._mats[position]
+            # Compute, then publish: concurrent transforms that race here build
+            # the same pure matrices, and all use the one setdefault keeps.
+            mats = self._mats.setdefault(position, mats)
+        return mats
 
     # ------------------------------------------------------------ transform
     def _transform(self, X: torch.Tensor) -> torch.Tensor:
@@ -391,7 +395,7 @@ class KroneckerProjector(BaseEstimator):
             device=model_device(model), dtype=model_dtype(model), desc="projections",
             always_call=True, describe_first_failure=False,
         )  # fmt: skip
-        with EvalMode(model), capture.LayerCapture(model, covered, owner) as cap:
+        with EvalMode(model, owner), capture.LayerCapture(model, covered, owner) as cap:
             for tb in batches:
                 with torch.enable_grad():
                     # The sum of per-example losses: s is each example's own gradient.

@@ -103,7 +103,9 @@ def test_ifvp_explicit_without_regularization():
         return (w - 3.0).pow(2).sum()
 
     w = torch.tensor([1.0], dtype=D)
-    assert_close(ifvp_at_x_explicit(loss, w)(torch.tensor([2.0], dtype=D)), torch.tensor([0.125]))
+    assert_close(
+        ifvp_at_x_explicit(loss, w)(torch.tensor([2.0], dtype=D)), torch.tensor([0.125], dtype=D)
+    )
     # More parameters: rank 1, singular; the error names the way out.
     w, X, y = _regression()
     with pytest.raises(ValueError, match="regularization > 0"):
