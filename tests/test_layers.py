@@ -11,7 +11,7 @@ each package on its way that the importer is not itself inside (importing
 
 The layers, from the bottom (see ``attribkit/_compute/__init__.py``)::
 
-    config < _compute < base < projection, ifvp < gradients, _scores
+    config < _compute < base < projection, ifvp < gradients, _scores, persistence
            < functional < attribkit/__init__      (evaluation: on its own)
 """
 
@@ -36,6 +36,7 @@ RANKS = {
     "ifvp": 3,
     "gradients": 4,
     "_scores": 4,
+    "persistence": 4,
     "functional": 5,
     "evaluation": 0,
     "": 6,  # attribkit/__init__.py

@@ -28,8 +28,8 @@ Layers, from the bottom (imports only run down, checked by
    ``attribkit.ifvp`` (explicit, datainf, ekfac), which never import each
    other (a mechanic two families need moves down here);
 5. orchestration above the estimators: ``attribkit.gradients``
-   (``per_example_gradients``) and ``attribkit._scores`` (``influence``,
-   ``self_influence``);
+   (``per_example_gradients``), ``attribkit._scores`` (``influence``,
+   ``self_influence``) and ``attribkit.persistence`` (``save``, ``load``);
 6. ``attribkit.functional`` (dattri 0.1.0's functions over the estimators)
    and the package's ``__init__``. ``attribkit.evaluation`` stands alone
    (numpy and scipy only).
