@@ -30,9 +30,9 @@ import torch
 from ._compute import validation as V
 from ._compute.data import known_length
 from ._compute.distributed import reducer
-from ._compute.guard import use_model
 from ._compute.gradients import iter_gradients, layout_params
-from ._compute.model import select_params
+from ._compute.guard import use_model
+from ._compute.model import autograd_on, select_params
 from ._compute.vectors import flatten_dict
 from .base import BaseEstimator
 from .config import ComputeConfig
@@ -245,7 +245,8 @@ def per_example_gradients(
         )
     # Held from the first look at the model: another thread's functional_call
     # swaps its parameters for detached copies while it runs.
-    with use_model(model, "per_example_gradients"):
+    # autograd_on: differentiate even when called inside torch.inference_mode().
+    with use_model(model, "per_example_gradients"), autograd_on():
         return _per_example_gradients(model, data, loss, params, config, flatten, projector, out)
 
 
@@ -255,14 +256,21 @@ def _per_example_gradients(model, data, loss, params, config, flatten, projector
     if empty and reducer(config, "per_example_gradients").active:  # an empty shard: 0 rows
         return _no_rows(model, data, loss, params, config, flatten, projector, out)
     if projector is None and out is None:
-        chunks: dict[str, list] = {}
-        for grads in iter_gradients(model, data, loss=loss, params=params, config=config):
-            for n, g in grads.items():
-                chunks.setdefault(n, []).append(g.to(device=device, dtype=dtype))
-        result = OrderedDict((n, torch.cat(c)) for n, c in chunks.items())
+        n, gathered = known_length(data), None
+        batches = iter_gradients(model, data, loss=loss, params=params, config=config)
+        with contextlib.closing(batches):
+            for grads in batches:
+                if gathered is None:
+                    keys = ["flat"] if flatten else list(grads)
+                    gathered = {k: _Gather(n, device, dtype) for k in keys}
+                if flatten:
+                    gathered["flat"].add([g.reshape(g.shape[0], -1) for g in grads.values()])
+                else:
+                    for k, g in grads.items():
+                        gathered[k].add([g])
         if flatten:
-            return flatten_dict(result, result)
-        return result
+            return gathered["flat"].result()
+        return OrderedDict((k, v.result()) for k, v in gathered.items())
     _require_flat(flatten)
     batches, k = _row_source(model, data, loss, params, config, projector)
     rows = _Rows(out, known_length(data), k, config)
@@ -273,6 +281,48 @@ def _per_example_gradients(model, data, loss, params, config, flatten, projector
         for projected in batches:
             rows.add(projected)
     return rows.result()
+
+
+class _Gather:
+    """The ``(n, ...)`` result of per-example rows, gathered batch by batch.
+
+    With the example count known the result is allocated once and each
+    batch's parts are concatenated straight into its rows (peak memory: the
+    result and one batch); otherwise the batches are kept and concatenated
+    once at the end (also the rest, when ``data`` yields more than announced).
+    """
+
+    def __init__(self, n: int | None, device, dtype):
+        self.n, self.device, self.dtype = n, device, dtype
+        self.buffer, self.filled, self.chunks = None, 0, []
+
+    def add(self, parts: list) -> None:
+        """One batch: ``parts`` are ``(b, ...)`` tensors concatenated along dimension 1."""
+        b = parts[0].shape[0]
+        width = sum(p.shape[1] for p in parts) if len(parts) > 1 else None
+        shape = (b, width) if width is not None else tuple(parts[0].shape)
+        if self.buffer is None and self.n is not None and not self.chunks:
+            self.buffer = torch.empty((self.n, *shape[1:]), device=self.device, dtype=self.dtype)
+        if self.buffer is not None and self.filled + b <= self.buffer.shape[0]:
+            rows = self.buffer[self.filled : self.filled + b]
+            if len(parts) == 1:
+                rows.copy_(parts[0])
+            elif all(p.dtype == self.dtype and p.device == rows.device for p in parts):
+                torch.cat(parts, dim=1, out=rows)
+            else:
+                rows.copy_(torch.cat(parts, dim=1))
+            self.filled += b
+            return
+        if self.buffer is not None:  # more examples than announced: gather the rest
+            self.chunks.append(self.buffer[: self.filled])
+            self.buffer = None
+        joined = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+        self.chunks.append(joined.to(device=self.device, dtype=self.dtype))
+
+    def result(self) -> torch.Tensor:
+        if self.buffer is not None:
+            return self.buffer[: self.filled] if self.filled < self.n else self.buffer
+        return self.chunks[0] if len(self.chunks) == 1 else torch.cat(self.chunks)
 
 
 def _row_source(model, data, loss, params, config, projector):
