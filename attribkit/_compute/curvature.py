@@ -289,10 +289,10 @@ class MeanLossHVP:
                 f"{who}: the Hessian-vector product ({mode}) failed on batch {index} of 'data' "
                 "in the model's scaled-dot-product attention (SDPA), whose kernels have no "
                 "forward-mode derivative and, on some devices, no second derivative "
-                f"({text}). Load the model with eager attention, e.g. "
-                'AutoModelForCausalLM.from_pretrained(name, attn_implementation="eager") or '
-                'GPT2LMHeadModel(config, attn_implementation="eager"), or set '
-                'model.config._attn_implementation = "eager" (the weights are the same); '
+                f"({text}). Use eager attention: load the model with "
+                'from_pretrained(name, attn_implementation="eager"), build it from a config '
+                'made with attn_implementation="eager", or switch a loaded one with '
+                'model.set_attn_implementation("eager") (same weights, same outputs); '
                 "mode='rev-rev' does not help with SDPA."
             )
         forward_ad = (

@@ -91,7 +91,14 @@ def to_device(x, device: torch.device | None, dtype: torch.dtype | None = None):
             return t.to(device=device, dtype=dtype)
         return t if device is None else t.to(device)
 
-    return tree_map(move, x)
+    # Only the batch's own containers (dicts and tuples, see _as_tensor) are
+    # walked: any other value (a list of strings of a mapping batch) is passed on
+    # as the very same object.
+    return tree_map(move, x, is_leaf=_foreign)
+
+
+def _foreign(x) -> bool:
+    return type(x) is not dict and type(x) is not tuple
 
 
 def batch_len(inputs) -> int:

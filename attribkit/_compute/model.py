@@ -25,7 +25,7 @@ from collections.abc import Callable, Mapping
 
 import torch
 from torch.func import functional_call
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_flatten, tree_map
 
 from . import validation as V
 from .guard import use_model
@@ -217,8 +217,15 @@ _PASS_THROUGH = (
 )
 
 
-def model_failure(exc: Exception, index: int, inputs, targets, owner, example=None) -> ValueError:
-    """The ``ValueError`` for a model that failed on batch ``index`` (API section 9)."""
+def model_failure(
+    exc: Exception, index: int, inputs, targets, owner, example=None, advice: bool = True
+) -> ValueError:
+    """The ``ValueError`` for a model that failed on batch ``index`` (API section 9).
+
+    It names the batch (and ``example``, when known) and the batch's shapes,
+    says what to do about integer features reaching a float layer, and on
+    the first batch (with ``advice``) how batches are read.
+    """
     where = "the first batch (batch 0)" if index == 0 else f"batch {index}"
     if example is not None:
         where += f" (example {example} of the data)"
@@ -227,7 +234,10 @@ def model_failure(exc: Exception, index: int, inputs, targets, owner, example=No
         f"shape {batch_shapes(inputs)}, targets of shape {batch_shapes(targets)}) with "
         f"{type(exc).__name__}: {exc}"
     )
-    if index == 0:
+    hint = _integer_input_hint(exc, inputs)
+    if hint:
+        message += "\n" + hint
+    elif index == 0 and advice:
         message += (
             "\nEach batch must be a pair (inputs, targets) whose first dimension is the "
             "batch, or a mapping of the model's keyword arguments with its 'labels'; inputs "
@@ -239,18 +249,47 @@ def model_failure(exc: Exception, index: int, inputs, targets, owner, example=No
     return ValueError(message)
 
 
-def checked_call(call: Callable, inputs, targets, owner, index: int = 0):
+def _integer_input_hint(exc: Exception, inputs) -> str | None:
+    """What to do when integer inputs reached a floating-point layer, else None.
+
+    Integer inputs are never cast (they may be token ids, which an
+    embedding needs as they are), so features stored as integers (pixel
+    values, counts) meet a float weight and torch says only that the dtypes
+    differ.
+    """
+    text = str(exc)
+    if not any(
+        key in text
+        for key in ("same dtype", "should be the same", "expected scalar type", "Found dtype")
+    ):
+        return None
+    ints = {
+        str(t.dtype).replace("torch.", "")
+        for t in tree_flatten(inputs)[0]
+        if isinstance(t, torch.Tensor) and not t.is_floating_point() and t.dtype != torch.bool
+    }
+    if not ints:
+        return None
+    return (
+        f"The inputs hold integer tensors ({', '.join(sorted(ints))}), which attribkit passes to "
+        "the model as they are (they may be token ids or masks), while the layer that failed "
+        "computes in floating point. If they are features (pixel values, counts), convert them "
+        "first, e.g. X.float() or X.to(torch.float32), or cast them inside the model."
+    )
+
+
+def checked_call(call: Callable, inputs, targets, owner, index: int = 0, advice: bool = True):
     """``call(inputs)``; a failure is re-raised as a ``ValueError`` naming the batch.
 
     Out-of-memory errors pass through unchanged (a caller may retry with
-    smaller batches).
+    smaller batches). ``advice``: see :func:`model_failure`.
     """
     try:
         return call(inputs)
     except _PASS_THROUGH:
         raise
     except Exception as exc:
-        raise model_failure(exc, index, inputs, targets, owner) from exc
+        raise model_failure(exc, index, inputs, targets, owner, advice=advice) from exc
 
 
 def first_call(call: Callable, inputs, targets, owner):

@@ -555,7 +555,7 @@ def target_batches(
         outputs = weights = None
         data_targets = targets
         if always_call or fisher != "empirical" or index == 0:
-            outputs = _call(call, inputs, targets, owner, index, describe_first_failure)
+            outputs = checked_call(call, inputs, targets, owner, index, describe_first_failure)
             if index == 0:  # the loss too, once: a reduced loss is caught before any work
                 check_loss_output(loss_fn, outputs, targets, owner, index=0, offset=0)
             else:
@@ -571,18 +571,3 @@ def target_batches(
             targets, weights = expected_targets(outputs, loss, owner)
         yield TargetBatch(index, offset, inputs, outputs, targets, weights, data_targets)
         offset += batch_len(inputs)
-
-
-def _call(call, inputs, targets, owner, index, describe):
-    if describe or index > 0:
-        return checked_call(call, inputs, targets, owner, index)
-    try:
-        return call(inputs)
-    except (MemoryError, torch.OutOfMemoryError):
-        raise
-    except Exception as exc:
-        raise ValueError(
-            f"The model given to {V.owner_name(owner)} failed on batch 0 of 'data' (inputs of "
-            f"shape {batch_shapes(inputs)}, targets of shape {batch_shapes(targets)}) with "
-            f"{type(exc).__name__}: {exc}"
-        ) from exc
