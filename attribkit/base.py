@@ -260,8 +260,9 @@ class BaseEstimator(sklearn.base.TransformerMixin, sklearn.base.BaseEstimator):
         This is how a fitted estimator consumes gradients when it is the
         ``projector`` of :func:`attribkit.per_example_gradients`: the rows
         come batch by batch, so only one batch of gradients is ever held.
-        The default differentiates, with ``torch.func`` (``vmap`` of
-        ``grad``), the parameters the estimator's layout names (those of
+        The default differentiates (:func:`attribkit.per_example_gradients`'
+        way: layer hooks, ``torch.func`` for the rest) the parameters the
+        estimator's layout names (those of
         ``param_shapes_`` when it was fitted on the model, else ``params``,
         whose gradients must have ``n_features_in_`` entries), concatenates
         them in the layout's order and passes each batch through

@@ -5,8 +5,10 @@ The data flow of :func:`per_example_gradients`:
 1. the config (the projector's when none is given) and the model are checked;
    a distributed rank whose shard is empty gets its ``0`` rows at once;
 2. without ``projector`` and ``out`` the per-example gradients of
-   :func:`attribkit._compute.gradients.iter_gradients` (``torch.func``,
-   batch by batch) are concatenated: one ``(n, p)`` tensor, or a dict;
+   :func:`attribkit._compute.gradients.iter_gradients` (layer hooks, with
+   ``torch.func`` for the parameters no hook rule covers; batch by batch)
+   are gathered: one ``(n, p)`` tensor, or a dict (allocated once when the
+   example count is known, each batch written into its rows);
 3. otherwise a source of ``(b, k)`` rows is chosen: the flat gradients
    themselves (``k = p``); an attribkit estimator's
    :meth:`~attribkit.BaseEstimator.project_gradients` (the estimator says
@@ -137,13 +139,24 @@ def per_example_gradients(
     Parameters
     ----------
     model : torch.nn.Module
-        The model; evaluated in eval mode (mode restored afterwards).
-    data : DataLoader, Dataset, tuple (inputs, targets) or iterable of batches
+        The model, raw: a Hugging Face model, a peft model, a CNN...;
+        evaluated in eval mode (mode restored afterwards), never changed.
+    data : DataLoader, Dataset, tuple (inputs, targets), mapping or iterable of batches
         The examples, streamed in ``config.batch_size`` batches when given as
-        a tuple or Dataset.
-    loss : "cross_entropy", "mse" or callable, default="cross_entropy"
-        Per-example loss; a callable takes ``(outputs, targets)`` and returns
-        losses of shape ``(batch,)``.
+        a tuple, a Dataset or one mapping of stacked tensors (a tokenizer's
+        output). A batch is a pair ``(inputs, targets)`` or a mapping (a
+        Hugging Face batch): the model is called with its keys as keyword
+        arguments and the targets are ``batch["labels"]`` (with
+        ``loss="causal_lm"`` and no ``"labels"``: ``batch["input_ids"]``, the
+        positions whose ``attention_mask`` is 0 ignored). Padded positions
+        contribute nothing.
+    loss : "cross_entropy", "mse", "causal_lm" or callable, default="cross_entropy"
+        Per-example loss. The built-ins read ``outputs.logits`` (or the first
+        element of a tuple output); ``"cross_entropy"`` on ``(N, T, C)``
+        logits with ``(N, T)`` targets sums the tokens' losses (``-100``
+        ignored) and ``"causal_lm"`` does so on next-token pairs. A callable
+        takes the raw ``(outputs, targets)`` and returns losses of shape
+        ``(batch,)``.
     params : list of str, optional
         Names of the parameters to differentiate (default: all trainable, or
         the parameters a model-fitted ``projector`` was fitted on).
@@ -186,6 +199,25 @@ def per_example_gradients(
 
     Notes
     -----
+    **How.** One ordinary forward and one backward per batch: hooks on the
+    modules of known types (``nn.Linear``, Hugging Face's ``Conv1D``,
+    ``nn.Conv1d``/``nn.Conv2d``, ``nn.Embedding``, the norms, eval-mode
+    BatchNorm) keep their inputs, the sum of the per-example losses is
+    differentiated at their outputs, and each example's gradient follows
+    from its own rows; a tied weight sums its uses. So padded attention
+    masks and data-dependent model code work. Parameters no rule covers (a
+    raw ``nn.Parameter``, ``nn.MultiheadAttention``'s projections, a
+    weight also used outside its module) are differentiated by ``vmap``
+    over a ``functional_call``, or, where ``vmap`` cannot run the model, by
+    one autograd call per example. The result equals one autograd call per
+    example to rounding; nothing is written to ``.grad``. Examples must not
+    interact in the forward (as for any per-example gradient).
+
+    **inference_mode.** It works inside ``torch.inference_mode()`` or
+    ``torch.no_grad()`` (the pass turns gradients back on; inference tensors
+    in the data are cloned); a model whose parameters were themselves made
+    under ``inference_mode`` raises ``ValueError`` saying how to copy it.
+
     **Threads.** The model is held for the calling thread while this runs: a
     call from another thread on the same model (or on one sharing a
     submodule), or a ``fit`` on it, raises ``RuntimeError`` instead of
