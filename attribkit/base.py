@@ -34,6 +34,7 @@ from ._compute import validation as V
 from ._compute.distributed import reducer
 from ._compute.gradients import iter_gradients, layout_params
 from ._compute.guard import use_model
+from ._compute.model import autograd_on
 from ._compute.vectors import (
     ARRAY_KEY,
     all_finite,
@@ -156,7 +157,8 @@ class BaseEstimator(sklearn.base.TransformerMixin, sklearn.base.BaseEstimator):
                 )
             # The whole fit holds the model: a second thread raises at once
             # instead of hooking it, or switching its modes, in between passes.
-            with use_model(model, f"{type(self).__name__}.fit"):
+            # autograd_on: the passes differentiate even inside torch.inference_mode().
+            with use_model(model, f"{type(self).__name__}.fit"), autograd_on():
                 fitted._fit_model(model, data, config)
             if not hasattr(fitted, "param_shapes_"):  # pragma: no cover - subclass bug
                 raise RuntimeError(f"{type(self).__name__}._fit_model did not set the layout.")
@@ -258,8 +260,9 @@ class BaseEstimator(sklearn.base.TransformerMixin, sklearn.base.BaseEstimator):
         This is how a fitted estimator consumes gradients when it is the
         ``projector`` of :func:`attribkit.per_example_gradients`: the rows
         come batch by batch, so only one batch of gradients is ever held.
-        The default differentiates, with ``torch.func`` (``vmap`` of
-        ``grad``), the parameters the estimator's layout names (those of
+        The default differentiates (:func:`attribkit.per_example_gradients`'
+        way: layer hooks, ``torch.func`` for the rest) the parameters the
+        estimator's layout names (those of
         ``param_shapes_`` when it was fitted on the model, else ``params``,
         whose gradients must have ``n_features_in_`` entries), concatenates
         them in the layout's order and passes each batch through

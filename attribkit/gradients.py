@@ -5,8 +5,10 @@ The data flow of :func:`per_example_gradients`:
 1. the config (the projector's when none is given) and the model are checked;
    a distributed rank whose shard is empty gets its ``0`` rows at once;
 2. without ``projector`` and ``out`` the per-example gradients of
-   :func:`attribkit._compute.gradients.iter_gradients` (``torch.func``,
-   batch by batch) are concatenated: one ``(n, p)`` tensor, or a dict;
+   :func:`attribkit._compute.gradients.iter_gradients` (layer hooks, with
+   ``torch.func`` for the parameters no hook rule covers; batch by batch)
+   are gathered: one ``(n, p)`` tensor, or a dict (allocated once when the
+   example count is known, each batch written into its rows);
 3. otherwise a source of ``(b, k)`` rows is chosen: the flat gradients
    themselves (``k = p``); an attribkit estimator's
    :meth:`~attribkit.BaseEstimator.project_gradients` (the estimator says
@@ -30,9 +32,9 @@ import torch
 from ._compute import validation as V
 from ._compute.data import known_length
 from ._compute.distributed import reducer
-from ._compute.guard import use_model
 from ._compute.gradients import iter_gradients, layout_params
-from ._compute.model import select_params
+from ._compute.guard import use_model
+from ._compute.model import autograd_on, select_params
 from ._compute.vectors import flatten_dict
 from .base import BaseEstimator
 from .config import ComputeConfig
@@ -137,13 +139,24 @@ def per_example_gradients(
     Parameters
     ----------
     model : torch.nn.Module
-        The model; evaluated in eval mode (mode restored afterwards).
-    data : DataLoader, Dataset, tuple (inputs, targets) or iterable of batches
+        The model, raw: a Hugging Face model, a peft model, a CNN...;
+        evaluated in eval mode (mode restored afterwards), never changed.
+    data : DataLoader, Dataset, tuple (inputs, targets), mapping or iterable of batches
         The examples, streamed in ``config.batch_size`` batches when given as
-        a tuple or Dataset.
-    loss : "cross_entropy", "mse" or callable, default="cross_entropy"
-        Per-example loss; a callable takes ``(outputs, targets)`` and returns
-        losses of shape ``(batch,)``.
+        a tuple, a Dataset or one mapping of stacked tensors (a tokenizer's
+        output). A batch is a pair ``(inputs, targets)`` or a mapping (a
+        Hugging Face batch): the model is called with its keys as keyword
+        arguments and the targets are ``batch["labels"]`` (with
+        ``loss="causal_lm"`` and no ``"labels"``: ``batch["input_ids"]``, the
+        positions whose ``attention_mask`` is 0 ignored). Padded positions
+        contribute nothing.
+    loss : "cross_entropy", "mse", "causal_lm" or callable, default="cross_entropy"
+        Per-example loss. The built-ins read ``outputs.logits`` (or the first
+        element of a tuple output); ``"cross_entropy"`` on ``(N, T, C)``
+        logits with ``(N, T)`` targets sums the tokens' losses (``-100``
+        ignored) and ``"causal_lm"`` does so on next-token pairs. A callable
+        takes the raw ``(outputs, targets)`` and returns losses of shape
+        ``(batch,)``.
     params : list of str, optional
         Names of the parameters to differentiate (default: all trainable, or
         the parameters a model-fitted ``projector`` was fitted on).
@@ -186,6 +199,25 @@ def per_example_gradients(
 
     Notes
     -----
+    **How.** One ordinary forward and one backward per batch: hooks on the
+    modules of known types (``nn.Linear``, Hugging Face's ``Conv1D``,
+    ``nn.Conv1d``/``nn.Conv2d``, ``nn.Embedding``, the norms, eval-mode
+    BatchNorm) keep their inputs, the sum of the per-example losses is
+    differentiated at their outputs, and each example's gradient follows
+    from its own rows; a tied weight sums its uses. So padded attention
+    masks and data-dependent model code work. Parameters no rule covers (a
+    raw ``nn.Parameter``, ``nn.MultiheadAttention``'s projections, a
+    weight also used outside its module) are differentiated by ``vmap``
+    over a ``functional_call``, or, where ``vmap`` cannot run the model, by
+    one autograd call per example. The result equals one autograd call per
+    example to rounding; nothing is written to ``.grad``. Examples must not
+    interact in the forward (as for any per-example gradient).
+
+    **inference_mode.** It works inside ``torch.inference_mode()`` or
+    ``torch.no_grad()`` (the pass turns gradients back on; inference tensors
+    in the data are cloned); a model whose parameters were themselves made
+    under ``inference_mode`` raises ``ValueError`` saying how to copy it.
+
     **Threads.** The model is held for the calling thread while this runs: a
     call from another thread on the same model (or on one sharing a
     submodule), or a ``fit`` on it, raises ``RuntimeError`` instead of
@@ -245,7 +277,8 @@ def per_example_gradients(
         )
     # Held from the first look at the model: another thread's functional_call
     # swaps its parameters for detached copies while it runs.
-    with use_model(model, "per_example_gradients"):
+    # autograd_on: differentiate even when called inside torch.inference_mode().
+    with use_model(model, "per_example_gradients"), autograd_on():
         return _per_example_gradients(model, data, loss, params, config, flatten, projector, out)
 
 
@@ -255,14 +288,21 @@ def _per_example_gradients(model, data, loss, params, config, flatten, projector
     if empty and reducer(config, "per_example_gradients").active:  # an empty shard: 0 rows
         return _no_rows(model, data, loss, params, config, flatten, projector, out)
     if projector is None and out is None:
-        chunks: dict[str, list] = {}
-        for grads in iter_gradients(model, data, loss=loss, params=params, config=config):
-            for n, g in grads.items():
-                chunks.setdefault(n, []).append(g.to(device=device, dtype=dtype))
-        result = OrderedDict((n, torch.cat(c)) for n, c in chunks.items())
+        n, gathered = known_length(data), None
+        batches = iter_gradients(model, data, loss=loss, params=params, config=config)
+        with contextlib.closing(batches):
+            for grads in batches:
+                if gathered is None:
+                    keys = ["flat"] if flatten else list(grads)
+                    gathered = {k: _Gather(n, device, dtype) for k in keys}
+                if flatten:
+                    gathered["flat"].add([g.reshape(g.shape[0], -1) for g in grads.values()])
+                else:
+                    for k, g in grads.items():
+                        gathered[k].add([g])
         if flatten:
-            return flatten_dict(result, result)
-        return result
+            return gathered["flat"].result()
+        return OrderedDict((k, v.result()) for k, v in gathered.items())
     _require_flat(flatten)
     batches, k = _row_source(model, data, loss, params, config, projector)
     rows = _Rows(out, known_length(data), k, config)
@@ -273,6 +313,48 @@ def _per_example_gradients(model, data, loss, params, config, flatten, projector
         for projected in batches:
             rows.add(projected)
     return rows.result()
+
+
+class _Gather:
+    """The ``(n, ...)`` result of per-example rows, gathered batch by batch.
+
+    With the example count known the result is allocated once and each
+    batch's parts are concatenated straight into its rows (peak memory: the
+    result and one batch); otherwise the batches are kept and concatenated
+    once at the end (also the rest, when ``data`` yields more than announced).
+    """
+
+    def __init__(self, n: int | None, device, dtype):
+        self.n, self.device, self.dtype = n, device, dtype
+        self.buffer, self.filled, self.chunks = None, 0, []
+
+    def add(self, parts: list) -> None:
+        """One batch: ``parts`` are ``(b, ...)`` tensors concatenated along dimension 1."""
+        b = parts[0].shape[0]
+        width = sum(p.shape[1] for p in parts) if len(parts) > 1 else None
+        shape = (b, width) if width is not None else tuple(parts[0].shape)
+        if self.buffer is None and self.n is not None and not self.chunks:
+            self.buffer = torch.empty((self.n, *shape[1:]), device=self.device, dtype=self.dtype)
+        if self.buffer is not None and self.filled + b <= self.buffer.shape[0]:
+            rows = self.buffer[self.filled : self.filled + b]
+            if len(parts) == 1:
+                rows.copy_(parts[0])
+            elif all(p.dtype == self.dtype and p.device == rows.device for p in parts):
+                torch.cat(parts, dim=1, out=rows)
+            else:
+                rows.copy_(torch.cat(parts, dim=1))
+            self.filled += b
+            return
+        if self.buffer is not None:  # more examples than announced: gather the rest
+            self.chunks.append(self.buffer[: self.filled])
+            self.buffer = None
+        joined = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+        self.chunks.append(joined.to(device=self.device, dtype=self.dtype))
+
+    def result(self) -> torch.Tensor:
+        if self.buffer is not None:
+            return self.buffer[: self.filled] if self.filled < self.n else self.buffer
+        return self.chunks[0] if len(self.chunks) == 1 else torch.cat(self.chunks)
 
 
 def _row_source(model, data, loss, params, config, projector):

@@ -1,6 +1,7 @@
 """Every dense truth the tests compare against, computed the slow, obvious way (float64).
 
-* per-example gradients by one autograd call per example;
+* per-example gradients by one autograd call per example (any model:
+  :func:`loop_gradients`);
 * curvature matrices: the empirical Fisher ``G^T G / n``, the Hessian of the
   mean loss and the Gauss-Newton matrix (``torch.func``), and the exact
   moments of the true Fisher;
@@ -46,6 +47,45 @@ def loop_per_example_gradients(model, X, y, loss="cross_entropy", params=None):
     finally:
         for module, training in modes:
             module.training = training
+    return torch.stack(rows)
+
+
+def loop_gradients(model, example_losses, params=None):
+    """Per-example gradients of any model, one autograd call per example (the reference).
+
+    ``example_losses`` yields, per example, a zero-argument callable that
+    runs the model on that example alone (unpadded, as a batch of one) and
+    returns its scalar loss; gradients are taken with respect to ``params``
+    (names; default every parameter that requires grad), in the order of
+    ``model.named_parameters()`` (a tied weight under its first name, its
+    gradient the sum over its uses), flattened and concatenated. Eval mode,
+    restored afterwards; a parameter the loss does not reach has gradient 0.
+    """
+    named = dict(model.named_parameters())
+    names = [n for n, p in named.items() if (p.requires_grad if params is None else n in params)]
+    modes = [(m, m.training) for m in model.modules()]
+    flags = {n: p.requires_grad for n, p in named.items()}
+    model.eval()
+    rows = []
+    try:
+        for n in names:
+            named[n].requires_grad_(True)
+        for example_loss in example_losses:
+            value = example_loss()
+            grads = torch.autograd.grad(value, [named[n] for n in names], allow_unused=True)
+            rows.append(
+                torch.cat(
+                    [
+                        (torch.zeros_like(named[n]) if g is None else g).reshape(-1)
+                        for n, g in zip(names, grads)
+                    ]
+                )
+            )
+    finally:
+        for module, training in modes:
+            module.training = training
+        for n, flag in flags.items():
+            named[n].requires_grad_(flag)
     return torch.stack(rows)
 
 

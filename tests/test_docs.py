@@ -49,10 +49,20 @@ def causal_lm_batches_supported() -> bool:
     return True
 
 
+def transformer_layers_supported() -> bool:
+    """Whether the layer-wise side of API section 7 (Conv1D in the layer capture) has landed."""
+    from attribkit._compute import capture
+
+    return "transformers.pytorch_utils.Conv1D" in capture.RULES
+
+
 # Guides written against parts of the API contract (shared/design/API.md) that other
 # work is implementing: skipped while the part is missing, checked once it exists.
 PENDING = {
-    "transformers.rst": ("API section 7 (dict batches, causal_lm)", causal_lm_batches_supported),
+    "transformers.rst": (
+        "API section 7 (dict batches, causal_lm; Conv1D and tied weights in EK-FAC)",
+        lambda: causal_lm_batches_supported() and transformer_layers_supported(),
+    ),
     "iterative.rst": ("API section 8 (IterativeIFVP)", lambda: hasattr(ak, "IterativeIFVP")),
     "saving.rst": ("API section 9 (ak.save / ak.load)", lambda: hasattr(ak, "save")),
 }

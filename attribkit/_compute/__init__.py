@@ -19,8 +19,10 @@ Layers, from the bottom (imports only run down, checked by
    * ``model`` - parameter selection, eval mode, the one model-call dispatcher;
    * ``targets`` - losses and the one generator of Fisher target batches
      (empirical, true, expected);
-   * ``capture`` - layer hooks, a registry keyed by module type;
-   * ``gradients`` - per-example gradients by ``torch.func`` (``vmap``);
+   * ``capture`` - layer hooks: registries keyed by module type (Kronecker
+     factors; per-example gradient rules);
+   * ``gradients`` - per-example gradients from layer hooks (the rules in
+     ``capture``), ``torch.func`` for what no rule covers;
    * ``curvature`` - Hessian-vector products of the mean loss;
 
 3. ``attribkit.base`` - BaseEstimator, the fit/transform template;

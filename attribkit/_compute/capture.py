@@ -543,3 +543,264 @@ class LayerCapture:
         if not retain_graph:
             self.reset()
         return pairs
+
+
+# =========================================================================== per-example rules
+# Per-example gradients from layer hooks (opacus' ``grad_sample`` idea): a
+# module's forward hook keeps what its rule needs from the input, a backward
+# of the SUM of the per-example losses gives the output gradient ``g`` of
+# every example at once, and the rule turns ``(saved, g)`` into each
+# example's gradient of the module's own parameters. Separate from the
+# Kronecker registry above: more types have per-example rules (Embedding,
+# the norms) than Kronecker factors. The machinery that hooks the model and
+# runs the backward is :mod:`attribkit._compute.gradients`.
+
+
+@dataclasses.dataclass(frozen=True)
+class GradientRule:
+    """How the per-example gradients of one module type's parameters come from hooks.
+
+    Attributes
+    ----------
+    kind : str
+        Short name (``"linear"``, ``"embedding"``, ...).
+    save : callable
+        ``(module, x) -> saved``: what the rule keeps from the module's first
+        input ``x`` (detached), e.g. the input rows of a Linear, the token ids
+        of an Embedding, the normalised input of a LayerNorm.
+    grads : callable
+        ``(module, saved, g) -> {local name: (batch, *shape)}``: each
+        example's gradient of the module's own parameters (``"weight"``,
+        ``"bias"``), from the gradient ``g`` of the summed loss with respect
+        to the module's output (shaped like the output, batch first).
+    unsupported : callable
+        ``module -> str or None``: why this module's gradients cannot come
+        from the rule (None when they can); its parameters then take the
+        fallback path.
+    """
+
+    kind: str
+    save: Callable
+    grads: Callable
+    unsupported: Callable[[nn.Module], str | None] = lambda module: None
+
+
+#: type (or "module.QualName") -> GradientRule; see :func:`register_gradient_rule`.
+GRADIENT_RULES: dict = {}
+
+
+def register_gradient_rule(module_type, rule: GradientRule) -> None:
+    """Per-example gradients of ``module_type`` (a class or ``"module.QualName"``) by hooks."""
+    GRADIENT_RULES[module_type] = rule
+
+
+def gradient_rule_for(module: nn.Module) -> GradientRule | None:
+    """The rule for ``module``, or None.
+
+    Looked up along ``type(module).__mro__`` like :func:`rule_for`, and only
+    used when the module runs that class's own ``forward``: a subclass that
+    overrides it (``nn.SyncBatchNorm``, a quantised Linear) computes
+    something else, and takes the fallback path.
+    """
+    for cls in type(module).__mro__:
+        rule = GRADIENT_RULES.get(cls)
+        if rule is None:
+            rule = GRADIENT_RULES.get(f"{cls.__module__}.{cls.__qualname__}")
+        if rule is not None:
+            return rule if type(module).forward is cls.forward else None
+    return None
+
+
+def _rows3(t: torch.Tensor) -> torch.Tensor:
+    """``(batch, ..., features) -> (batch, T, features)``."""
+    return t.reshape(t.shape[0], -1, t.shape[-1])
+
+
+def _sum_but(t: torch.Tensor, keep: int) -> torch.Tensor:
+    """``(batch, *middle, *last)`` with ``keep`` last dims, summed over ``middle``."""
+    middle = tuple(range(1, t.ndim - keep))
+    return t.sum(middle) if middle else t
+
+
+# ------------------------------------------------------------ Linear, Conv1D
+def _outer_sum(g: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """``sum_t g[:, t, :, None] * a[:, t, None, :]``: ``(batch, out, in)``.
+
+    One row per example (``T = 1``) is a plain outer product, several times
+    faster broadcast than as a ``bmm`` with an inner dimension of 1.
+    """
+    if g.shape[1] == 1:
+        return g[:, 0, :, None] * a[:, 0, None, :]
+    return torch.bmm(g.transpose(1, 2), a)
+
+
+def _linear_grads(module, a, g):
+    g = _rows3(g)
+    out = {"weight": _outer_sum(g, a)}
+    if module.bias is not None:
+        out["bias"] = g.sum(1)
+    return out
+
+
+def _conv1d_hf_grads(module, a, g):
+    # Hugging Face's Conv1D: y = x @ W + b with W (in, out).
+    g = _rows3(g)
+    out = {"weight": _outer_sum(a, g)}
+    if module.bias is not None:
+        out["bias"] = g.sum(1)
+    return out
+
+
+def _save_rows(module, x):
+    if x.ndim < 2:
+        raise ValueError(f"unbatched input of shape {tuple(x.shape)}")
+    return _rows3(x)
+
+
+register_gradient_rule(nn.Linear, GradientRule("linear", _save_rows, _linear_grads))
+register_gradient_rule(
+    "transformers.pytorch_utils.Conv1D", GradientRule("conv1d-hf", _save_rows, _conv1d_hf_grads)
+)
+
+
+# ------------------------------------------------------------ convolutions
+def _conv_columns(module, x):
+    """im2col of a 1-D or 2-D conv input: ``(batch, positions, in * prod(kernel))``.
+
+    Features are ordered like ``weight.reshape(out, -1)``; string paddings
+    and non-zero padding modes are applied first with ``F.pad``, as the conv
+    itself does. A 1-D conv is unfolded as a 2-D one of width 1.
+    """
+    spatial = x.ndim - 2
+    if spatial != len(module.kernel_size):
+        raise ValueError(f"unbatched input of shape {tuple(x.shape)}")
+    padding = module.padding
+    if isinstance(padding, str) or module.padding_mode != "zeros":
+        mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+        x = F.pad(x, module._reversed_padding_repeated_twice, mode=mode)
+        padding = (0,) * spatial
+    kernel, dilation, stride = module.kernel_size, module.dilation, module.stride
+    if spatial == 1:
+        x = x.unsqueeze(-1)
+        kernel, dilation = (kernel[0], 1), (dilation[0], 1)
+        padding, stride = (padding[0], 0), (stride[0], 1)
+    cols = F.unfold(x, kernel_size=kernel, dilation=dilation, padding=padding, stride=stride)
+    return cols.transpose(1, 2)
+
+
+def _conv_grads(module, a, g):
+    b, groups = g.shape[0], module.groups
+    g = g.flatten(2).transpose(1, 2)  # (batch, positions, out)
+    out_g = g.shape[-1] // groups
+    if groups == 1:
+        weight = torch.bmm(g.transpose(1, 2), a)
+    else:  # block-diagonal over groups: each group's outputs see its own inputs
+        a4 = a.reshape(b, a.shape[1], groups, -1)
+        g4 = g.reshape(b, g.shape[1], groups, out_g)
+        weight = torch.einsum("btgo,btgi->bgoi", g4, a4)
+    out = {"weight": weight.reshape(b, *module.weight.shape)}
+    if module.bias is not None:
+        out["bias"] = g.sum(1)
+    return out
+
+
+for _conv in (nn.Conv1d, nn.Conv2d):
+    register_gradient_rule(_conv, GradientRule("conv", _conv_columns, _conv_grads))
+
+
+# ------------------------------------------------------------ Embedding
+def _save_ids(module, x):
+    return x
+
+
+def _embedding_grads(module, ids, g):
+    b, (num, dim) = g.shape[0], module.weight.shape
+    rows = g.reshape(-1, dim)
+    index = ids.reshape(b, -1)
+    if module.padding_idx is not None:
+        # torch never updates the padding row: its gradient is 0.
+        rows = rows.masked_fill((index == module.padding_idx).reshape(-1, 1), 0)
+    index = (index + torch.arange(b, device=index.device).unsqueeze(1) * num).reshape(-1)
+    weight = rows.new_zeros(b * num, dim).index_add_(0, index, rows)
+    return {"weight": weight.reshape(b, num, dim)}
+
+
+def _embedding_unsupported(module):
+    if module.max_norm is not None:
+        return "an Embedding with max_norm renormalises its weight during the forward"
+    if module.scale_grad_by_freq:
+        return "scale_grad_by_freq scales the gradient by counts over the whole batch"
+    return None
+
+
+register_gradient_rule(
+    nn.Embedding,
+    GradientRule("embedding", _save_ids, _embedding_grads, _embedding_unsupported),
+)
+
+
+# ------------------------------------------------------------ norms
+def _affine_grads(module, x_hat, g, keep):
+    """``weight``: per example ``sum g * x_hat``, ``bias``: ``sum g``, over the rest."""
+    out = {}
+    if getattr(module, "weight", None) is not None:
+        out["weight"] = keep(g * x_hat)
+    if getattr(module, "bias", None) is not None:
+        out["bias"] = keep(g)
+    return out
+
+
+def _layer_norm_hat(module, x):
+    dims = tuple(range(x.ndim - len(module.normalized_shape), x.ndim))
+    var, mean = torch.var_mean(x, dim=dims, unbiased=False, keepdim=True)
+    return (x - mean) * torch.rsqrt(var + module.eps)
+
+
+def _layer_norm_grads(module, x_hat, g):
+    k = len(module.normalized_shape)
+    return _affine_grads(module, x_hat, g, lambda t: _sum_but(t, k))
+
+
+def _rms_norm_hat(module, x):
+    dims = tuple(range(x.ndim - len(module.normalized_shape), x.ndim))
+    eps = module.eps if module.eps is not None else torch.finfo(x.dtype).eps
+    return x * torch.rsqrt(x.pow(2).mean(dims, keepdim=True) + eps)
+
+
+def _group_norm_hat(module, x):
+    b = x.shape[0]
+    grouped = x.reshape(b, module.num_groups, -1)
+    var, mean = torch.var_mean(grouped, dim=2, unbiased=False, keepdim=True)
+    return ((grouped - mean) * torch.rsqrt(var + module.eps)).reshape(x.shape)
+
+
+def _channel_grads(module, x_hat, g):
+    # (batch, C, *spatial) -> (batch, C): per-channel affine (GroupNorm, BatchNorm).
+    return _affine_grads(module, x_hat, g, lambda t: t.reshape(t.shape[0], t.shape[1], -1).sum(2))
+
+
+def _batch_norm_hat(module, x):
+    shape = (1, -1) + (1,) * (x.ndim - 2)
+    mean = module.running_mean.reshape(shape)
+    var = module.running_var.reshape(shape)
+    return (x - mean) * torch.rsqrt(var + module.eps)
+
+
+def _batch_norm_unsupported(module):
+    if module.training:
+        return "a BatchNorm in training mode normalises each example with the whole batch"
+    if not module.track_running_stats or module.running_mean is None:
+        return "a BatchNorm without running statistics normalises with the whole batch"
+    return None
+
+
+register_gradient_rule(
+    nn.LayerNorm, GradientRule("layer_norm", _layer_norm_hat, _layer_norm_grads)
+)
+if hasattr(nn, "RMSNorm"):  # torch >= 2.4
+    register_gradient_rule(nn.RMSNorm, GradientRule("rms_norm", _rms_norm_hat, _layer_norm_grads))
+register_gradient_rule(nn.GroupNorm, GradientRule("group_norm", _group_norm_hat, _channel_grads))
+register_gradient_rule(
+    nn.modules.batchnorm._BatchNorm,
+    GradientRule("batch_norm", _batch_norm_hat, _channel_grads, _batch_norm_unsupported),
+)

@@ -5,7 +5,13 @@ batch, ``torch.func`` differentiates the batch's summed loss twice (``jvp``
 of ``grad``, or ``vjp`` of ``grad``) on a ``functional_call`` of the model;
 the products of all batches are added in float64 with the example count in
 the same tensor, all-reduced over processes once per product
-(:mod:`attribkit._compute.distributed`), and divided by the count.
+(:mod:`attribkit._compute.distributed`), and divided by the count. Every
+batch is checked against the loss (:func:`attribkit._compute.targets.check_batch`,
+inside the differentiated function: shapes and the targets' range), and a
+failure names the batch and what failed (API section 9), including the one
+real models hit: PyTorch's scaled-dot-product attention has neither a
+forward-mode nor a double-backward derivative on every device, which calls
+for ``attn_implementation="eager"``.
 """
 
 from __future__ import annotations
@@ -22,9 +28,17 @@ from ..config import ComputeConfig
 from . import distributed
 from . import validation as V
 from .data import EMPTY_DATA_MESSAGE, EmptyDataError, batch_len, iter_batches
-from .model import EvalMode, call_model, first_call, param_shapes, select_params, split_state
+from .model import (
+    EvalMode,
+    autograd_on,
+    call_model,
+    model_failure,
+    param_shapes,
+    select_params,
+    split_state,
+)
 from .precision import F64
-from .targets import BUILTIN_LOSSES, check_loss_output, resolve_loss
+from .targets import BUILTIN_LOSSES, check_batch, logits_of, resolve_loss
 from .vectors import split
 
 __all__ = ["HVP_MODES", "MeanLossHVP"]
@@ -109,7 +123,7 @@ class MeanLossHVP:
         owner="hvp",
     ):
         V.check_option(owner, "mode", mode, HVP_MODES)
-        self.loss_fn = resolve_loss(loss, owner)
+        self.loss, self.loss_fn = loss, resolve_loss(loss, owner)
         if isinstance(data, Iterator):
             raise ValueError(
                 f"{V.owner_name(owner)} passes over 'data' once per Hessian-vector product, so "
@@ -127,33 +141,48 @@ class MeanLossHVP:
         # One bar for the caller's iterations, not one per pass over the data.
         self._config = dataclasses.replace(config, progress=False)
         self._reducer = distributed.reducer(config, V.owner_name(owner))
-        self._checked = False
         self.n_samples: int | None = None
         # Data of one batch with rev-rev: that batch's vjp pullback and size, kept
         # between calls, as every pass would rebuild the same one.
         self._kept = None
 
-    def _outputs(self, inputs):
-        return call_model(self.model, inputs, {**self._frozen, **self._sel})
+    def _batch_gradient(self, inputs, targets, index: int, offset: int) -> Callable:
+        """``sel -> gradient of one batch's summed loss`` (a ``torch.func.grad``).
 
-    def _batch_gradient(self, inputs, targets) -> Callable:
-        """``sel -> gradient of one batch's summed loss`` (a ``torch.func.grad``)."""
-        model, frozen, loss_fn = self.model, self._frozen, self.loss_fn
+        The batch is checked against the loss inside (shapes from the
+        outputs, the targets' range on the plain targets): ``_BatchProblem``
+        carries a failure out of the transforms.
+        """
+        model, frozen, loss_fn, loss = self.model, self._frozen, self.loss_fn, self.loss
         builtin_ce = loss_fn is BUILTIN_LOSSES["cross_entropy"]
+        owner = self.owner
 
         def batch_loss(sel):
             outputs = call_model(model, inputs, {**frozen, **sel})
-            if builtin_ce and outputs.ndim == 2:
+            try:
+                check_batch(loss, outputs, targets, owner, index=index, offset=offset)
+            except ValueError as exc:
+                raise _BatchProblem(exc) from exc
+            logits = logits_of(outputs) if builtin_ce else None
+            if builtin_ce and logits.ndim == 2 and targets.ndim == 1:
                 # The same sum of per-example losses; forward-mode AD through
                 # reduction="none" is several times slower than through "sum".
-                return F.cross_entropy(outputs, targets, reduction="sum")
-            return loss_fn(outputs, targets).sum()
+                return F.cross_entropy(logits, targets, reduction="sum")
+            losses = loss_fn(outputs, targets)
+            try:
+                check_batch(None, outputs, targets, owner, index=index, offset=offset,
+                            losses=losses)  # fmt: skip
+            except ValueError as exc:
+                raise _BatchProblem(exc) from exc
+            return losses.sum()
 
         return grad(batch_loss)
 
-    def _batch_hvp(self, inputs, targets, tangents: dict) -> tuple[dict, Callable | None]:
+    def _batch_hvp(
+        self, inputs, targets, tangents: dict, index: int = 0, offset: int = 0
+    ) -> tuple[dict, Callable | None]:
         """``H_b v`` for the summed loss of one batch, and the vjp pullback (rev-rev)."""
-        gradient = self._batch_gradient(inputs, targets)
+        gradient = self._batch_gradient(inputs, targets, index, offset)
         if self.mode == "rev-fwd":
             from torch.func import jvp
 
@@ -179,7 +208,8 @@ class MeanLossHVP:
         total = torch.zeros(self.n_features + 2, dtype=F64, device=self.device)
         red, error = self._reducer, None
         try:
-            self._pass(total, tangents)
+            with autograd_on():  # also inside torch.inference_mode() / no_grad()
+                self._pass(total, tangents)
         except EmptyDataError:
             if not red.active:
                 raise
@@ -218,31 +248,67 @@ class MeanLossHVP:
             self._add(total, pullback(tangents)[0])
             total[-2] += size
             return
-        batches = iter_batches(self.data, self._config, device=self.device, dtype=self.dtype)
-        seen, pullback = 0, None
+        batches = iter_batches(
+            self.data, self._config, device=self.device, dtype=self.dtype, loss=self.loss
+        )
+        seen, pullback, offset = 0, None, 0
         with EvalMode(self.model, self.owner):
-            for inputs, targets in batches:
-                if not self._checked:
-                    with torch.no_grad():
-                        outputs = first_call(self._outputs, inputs, targets, self.owner)
-                    check_loss_output(self.loss_fn, outputs, targets, self.owner)
-                    self._checked = True
+            for index, (inputs, targets) in enumerate(batches):
                 pullback = None  # a second batch's HVP never holds the first one's graph
                 try:
-                    hv, pullback = self._batch_hvp(inputs, targets, tangents)
-                except (RuntimeError, NotImplementedError) as exc:
-                    if self.mode != "rev-fwd":
-                        raise
-                    raise RuntimeError(
-                        f"{V.owner_name(self.owner)}: the forward-over-reverse Hessian-vector "
-                        f"product (mode='rev-fwd') failed with {type(exc).__name__}: {exc}\n"
-                        "Some operators have no forward-mode rule; use mode='rev-rev'."
-                    ) from exc
+                    hv, pullback = self._batch_hvp(inputs, targets, tangents, index, offset)
+                except _BatchProblem as problem:
+                    raise problem.error from None
+                except (MemoryError, torch.OutOfMemoryError):
+                    raise
+                except Exception as exc:
+                    raise self._failure(exc, index, inputs, targets) from exc
                 self._add(total, hv)
                 total[-2] += batch_len(inputs)
+                offset += batch_len(inputs)
                 seen += 1
         if seen == 1 and pullback is not None:
             self._kept = (pullback, float(total[-2]))
+
+    def _failure(self, exc: Exception, index: int, inputs, targets) -> Exception:
+        """The error for a Hessian-vector product that failed on batch ``index``: what failed.
+
+        * PyTorch's scaled-dot-product attention (SDPA) has no forward-mode
+          derivative and, on some devices, no double-backward: a
+          ``ValueError`` saying to load the model with
+          ``attn_implementation="eager"`` (mode ``"rev-rev"`` does not help);
+        * another operator without a forward-mode rule under ``"rev-fwd"``: a
+          ``RuntimeError`` suggesting ``mode="rev-rev"``;
+        * anything else is the model's (or the loss's) own error: a
+          ``ValueError`` naming the batch (API section 9).
+        """
+        who, text = V.owner_name(self.owner), f"{type(exc).__name__}: {exc}"
+        mode = f"mode={self.mode!r}"
+        if "scaled_dot_product" in text or "_efficient_attention" in text:
+            return ValueError(
+                f"{who}: the Hessian-vector product ({mode}) failed on batch {index} of 'data' "
+                "in the model's scaled-dot-product attention (SDPA), whose kernels have no "
+                "forward-mode derivative and, on some devices, no second derivative "
+                f"({text}). Use eager attention: load the model with "
+                'from_pretrained(name, attn_implementation="eager"), build it from a config '
+                'made with attn_implementation="eager", or switch a loaded one with '
+                'model.set_attn_implementation("eager") (same weights, same outputs); '
+                "mode='rev-rev' does not help with SDPA."
+            )
+        forward_ad = (
+            isinstance(exc, NotImplementedError)
+            or "forward AD" in text
+            or "forward-mode" in text
+            or "jvp" in text
+            or "fw_grad" in text
+        )
+        if self.mode == "rev-fwd" and forward_ad:
+            return RuntimeError(
+                f"{who}: the forward-over-reverse Hessian-vector product (mode='rev-fwd') "
+                f"failed on batch {index} of 'data' with {text}\nSome operators have no "
+                "forward-mode rule; use mode='rev-rev'."
+            )
+        return model_failure(exc, index, inputs, targets, self.owner)
 
     def _add(self, total: torch.Tensor, hv: dict) -> None:
         """``total[:p] += flat(hv)`` in float64."""
@@ -251,3 +317,11 @@ class MeanLossHVP:
             block = hv[name].reshape(-1)
             total[offset : offset + block.numel()] += block.to(F64)
             offset += block.numel()
+
+
+class _BatchProblem(Exception):
+    """A batch failed its check inside ``torch.func``: carries the ``ValueError`` out."""
+
+    def __init__(self, error: ValueError):
+        super().__init__(str(error))
+        self.error = error

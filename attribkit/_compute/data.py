@@ -1,15 +1,31 @@
 """One data normaliser for every estimator in model mode.
 
 ``data`` may be a ``torch.utils.data.DataLoader``, a ``Dataset`` (batched
-here, in order), a tuple ``(inputs, targets)`` of tensors or arrays, or any
-iterable of ``(inputs, targets)`` batches. Inputs may be a tensor, a tuple of
-tensors (positional arguments of the model) or a dict (keyword arguments);
-targets a tensor, an array or a list of numbers. Floating-point inputs and
-targets are cast to the model's parameter dtype (``iter_batches(dtype=)``),
-integer ones (labels, token ids) are left alone. A batch that is a dict, or a
-pair with a single (0-d) target, raises ``ValueError`` saying how to adapt the
-data (which keys are the targets cannot be guessed; single examples want a
-``DataLoader``).
+here, in order), a tuple ``(inputs, targets)`` of tensors or arrays, a
+mapping of stacked tensors (a whole tokenized data set, batched here like a
+tuple), or any iterable of batches. A batch is
+
+* a pair ``(inputs, targets)``: inputs a tensor, a tuple of tensors
+  (positional arguments of the model) or a dict (keyword arguments);
+  targets a tensor, an array or a list of numbers; or
+* a ``Mapping`` (a Hugging Face batch, e.g. from a tokenizer and
+  ``DataCollatorWithPadding``; API section 7): the inputs are the model's
+  keyword arguments, every key but ``"labels"``, and the targets are
+  ``batch["labels"]``. With ``loss="causal_lm"`` and no ``"labels"`` key
+  the targets are ``batch["input_ids"]`` with the positions whose
+  ``attention_mask`` is 0 set to ``-100`` (ignored). Any other mapping
+  without ``"labels"`` is a ``ValueError`` saying so. Values that are
+  neither tensors nor arrays (strings, flags) are passed to the model
+  untouched: the model is called exactly as ``model(**inputs)``, which is
+  what the user would write, and dropping a key would change the call.
+
+Floating-point inputs and targets are cast to the model's parameter dtype
+(``iter_batches(dtype=)``), integer ones (labels, token ids, masks) are left
+alone. Tensors made under ``torch.inference_mode()`` are cloned into normal
+tensors, which autograd can use. Every batch is checked (API section 9): a
+batch that is not a pair or a mapping, a single (0-d) target, or targets
+whose first dimension differs from the inputs' raises ``ValueError`` naming
+the batch index.
 """
 
 from __future__ import annotations
@@ -45,26 +61,62 @@ def _as_tensor(x):
     return x
 
 
+def _keyword_value(x):
+    """A mapping batch's value as the model gets it: arrays as tensors, the rest untouched."""
+    return torch.as_tensor(x) if isinstance(x, np.ndarray) else x
+
+
+def _normal(t):
+    """A tensor autograd can use: a clone of an inference tensor, else itself."""
+    if isinstance(t, torch.Tensor) and t.is_inference():
+        with torch.inference_mode(False):
+            return t.clone()
+    return t
+
+
 def to_device(x, device: torch.device | None, dtype: torch.dtype | None = None):
     """Move a tensor, or the tensors of a (normalised) batch, to ``device``.
 
     With ``dtype``, floating-point tensors are also cast to it (integer and
     boolean tensors, such as labels, token ids or masks, keep their dtype).
+    Inference tensors (made under ``torch.inference_mode()``) come back as
+    normal tensors, so that autograd can save them.
     """
 
     def move(t):
         if not isinstance(t, torch.Tensor):
             return t
+        t = _normal(t)
         if dtype is not None and t.is_floating_point() and t.dtype != dtype:
             return t.to(device=device, dtype=dtype)
         return t if device is None else t.to(device)
 
-    return tree_map(move, x)
+    # Only the batch's own containers (dicts and tuples, see _as_tensor) are
+    # walked: any other value (a list of strings of a mapping batch) is passed on
+    # as the very same object.
+    return tree_map(move, x, is_leaf=_foreign)
+
+
+def _foreign(x) -> bool:
+    return type(x) is not dict and type(x) is not tuple
 
 
 def batch_len(inputs) -> int:
     """Number of examples in a batch of inputs (first dim of its first tensor)."""
-    return tree_flatten(inputs)[0][0].shape[0]
+    for leaf in tree_flatten(inputs)[0]:
+        if isinstance(leaf, torch.Tensor) and leaf.ndim > 0:
+            return leaf.shape[0]
+    raise ValueError(
+        "The inputs of a batch of 'data' must hold at least one tensor with a batch "
+        f"dimension. Got {_describe(inputs)}."
+    )
+
+
+def _describe(x) -> str:
+    """Shapes and type names of a batch's leaves, for error messages."""
+    return str(
+        tree_map(lambda t: tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__, x)
+    )
 
 
 def _is_number_list(x) -> bool:
@@ -89,32 +141,99 @@ def _slice(x, start, stop):
     return tree_map(lambda v: v[start:stop], x)
 
 
-def _pair(batch, index: int):
-    if isinstance(batch, Mapping):
-        raise ValueError(
-            "Each batch of 'data' must be a pair (inputs, targets). Got a dict with keys "
-            f"{list(batch)} at batch {index}: which keys are the targets cannot be guessed. "
-            "Make each dataset item a pair (inputs, target), or give the DataLoader a "
-            "collate_fn that returns a pair, e.g. lambda rows: ({'input_ids': ...}, labels); "
-            "the inputs may themselves be a dict of the model's keyword arguments."
-        )
-    if isinstance(batch, (tuple, list)) and len(batch) == 2:
-        inputs, targets = _as_tensor(batch[0]), batch[1]
-        if _is_number_list(targets):
-            targets = torch.as_tensor(targets)
-        targets = _as_tensor(targets)
-        if not isinstance(targets, torch.Tensor) or targets.ndim == 0:
-            raise ValueError(
-                "Each batch of 'data' must be a pair (inputs, targets) with a batch of "
-                f"targets. Got a single target {targets!r} at batch {index}: an iterable of "
-                "single examples wants a DataLoader, torch.utils.data.DataLoader(examples, "
-                "batch_size=...), or a tuple (X, y) of stacked arrays."
-            )
-        return inputs, targets
+def _mapping_rows(data: Mapping) -> int:
+    """Examples in a mapping of stacked tensors (a whole tokenized data set)."""
+    for value in data.values():
+        if _is_array(value) and value.ndim > 0:
+            return int(value.shape[0])
     raise ValueError(
-        "Each batch of 'data' must be a pair (inputs, targets). "
-        f"Got {type(batch).__name__} at batch {index} instead."
+        "The 'data' argument is a mapping without any tensor or array: a mapping of stacked "
+        f"tensors (e.g. a tokenizer's output) is a whole data set. Got keys {list(data)}."
     )
+
+
+def _slice_mapping(data: Mapping, n: int, start: int, stop: int) -> dict:
+    """Rows ``[start, stop)`` of every tensor or array of ``data`` with ``n`` rows."""
+    return {
+        k: v[start:stop] if _is_array(v) and v.ndim > 0 and v.shape[0] == n else v
+        for k, v in data.items()
+    }
+
+
+def _targets(targets, index: int):
+    """A batch's targets as a tensor with a batch dimension (``ValueError`` otherwise)."""
+    if _is_number_list(targets):
+        targets = torch.as_tensor(targets)
+    targets = _as_tensor(targets)
+    if not isinstance(targets, torch.Tensor) or targets.ndim == 0:
+        raise ValueError(
+            "Each batch of 'data' must be a pair (inputs, targets) with a batch of "
+            f"targets. Got a single target {targets!r} at batch {index}: an iterable of "
+            "single examples wants a DataLoader, torch.utils.data.DataLoader(examples, "
+            "batch_size=...), or a tuple (X, y) of stacked arrays."
+        )
+    return targets
+
+
+def _mapping_pair(batch: Mapping, index: int, loss):
+    """``(inputs, targets)`` of a mapping batch (API section 7)."""
+    inputs = {k: _keyword_value(v) for k, v in batch.items() if k != "labels"}
+    if "labels" in batch:
+        labels = batch["labels"]
+        if labels is None:
+            raise ValueError(
+                f"Batch {index} of 'data' has 'labels' set to None; the targets of a mapping "
+                "batch are batch['labels']."
+            )
+        return inputs, _targets(labels, index)
+    if not (isinstance(loss, str) and loss == "causal_lm"):
+        raise ValueError(
+            f"Batch {index} of 'data' is a dict with keys {list(batch)} and no 'labels' key: "
+            "the model is called with a mapping batch's keys as keyword arguments and the "
+            "targets are batch['labels'] (which keys are the targets cannot be guessed). Add "
+            "'labels' to each batch (e.g. a collate_fn that returns {..., 'labels': y}), use "
+            "loss='causal_lm' for a language model whose targets are its input_ids, or make "
+            "each batch a pair (inputs, targets)."
+        )
+    ids = inputs.get("input_ids")
+    if not isinstance(ids, torch.Tensor) or ids.ndim != 2:
+        got = _describe(ids) if "input_ids" in inputs else "no 'input_ids' key"
+        raise ValueError(
+            f"Batch {index} of 'data' is a dict without 'labels': with loss='causal_lm' its "
+            "targets are batch['input_ids'], a (batch, tokens) tensor of token ids. Got "
+            f"{got} (keys {list(batch)})."
+        )
+    mask = inputs.get("attention_mask")
+    if mask is None:
+        return inputs, ids
+    if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != tuple(ids.shape):
+        raise ValueError(
+            f"Batch {index} of 'data' has an 'attention_mask' of shape {_describe(mask)} "
+            f"for 'input_ids' of shape {tuple(ids.shape)}; with loss='causal_lm' and no "
+            "'labels' the mask must have the shape of the ids (0 at padded positions)."
+        )
+    return inputs, ids.masked_fill(mask == 0, -100)
+
+
+def _pair(batch, index: int, loss=None):
+    if isinstance(batch, Mapping):
+        inputs, targets = _mapping_pair(batch, index, loss)
+    elif isinstance(batch, (tuple, list)) and len(batch) == 2:
+        inputs, targets = _as_tensor(batch[0]), _targets(batch[1], index)
+    else:
+        raise ValueError(
+            "Each batch of 'data' must be a pair (inputs, targets) or a mapping of the "
+            f"model's keyword arguments with its 'labels'. Got {type(batch).__name__} at batch "
+            f"{index} instead."
+        )
+    n = batch_len(inputs)
+    if targets.shape[0] != n:
+        raise ValueError(
+            f"Batch {index} of 'data' has {n} examples of inputs (first dimension of "
+            f"{_describe(inputs)}) but {targets.shape[0]} targets (shape "
+            f"{tuple(targets.shape)}): each batch must hold as many targets as inputs."
+        )
+    return inputs, targets
 
 
 EMPTY_DATA_MESSAGE = (
@@ -137,18 +256,21 @@ def iter_batches(
     device: torch.device | None = None,
     desc: str | None = None,
     dtype: torch.dtype | None = None,
+    loss=None,
 ) -> Iterator[tuple[object, torch.Tensor]]:
     """Yield ``(inputs, targets)`` batches from any supported ``data``.
 
     Targets may be a tensor, an array or a list of numbers. With ``device``
     the batches are moved there; with ``dtype`` (the model's parameter dtype)
     floating-point inputs and targets are cast to it, so float64 numpy data
-    feeds a float32 model. A batch must be a pair; a dict batch (a
-    ``DataLoader`` over a dataset of dicts) raises ``ValueError`` saying how
-    to adapt it, since which keys are the targets cannot be guessed.
+    feeds a float32 model. A mapping batch gives its keys but ``"labels"``
+    as the inputs and ``batch["labels"]`` as the targets; ``loss`` (the
+    consumer's loss) tells whether a mapping without ``"labels"`` is a
+    language-model batch (``"causal_lm"``: targets from ``input_ids``).
+    Inference tensors are cloned into normal ones.
 
-    Raises ``ValueError`` when ``data`` is ``None``, of an unsupported kind, or
-    yields no example at all.
+    Raises ``ValueError`` when ``data`` is ``None``, of an unsupported kind,
+    yields no example at all, or yields a bad batch (naming its index).
     """
     if data is None:
         raise ValueError(
@@ -156,6 +278,7 @@ def iter_batches(
             "DataLoader, a Dataset, a tuple (inputs, targets) or an iterable of batches."
         )
     total = None
+    bs = config.batch_size
     if _is_pair_of_arrays(data):
         all_inputs, all_targets = _as_tensor(data[0]), data[1]
         if _is_number_list(all_targets):
@@ -167,31 +290,33 @@ def iter_batches(
                 "The 'data' tuple (inputs, targets) must have as many targets as inputs. "
                 f"Got {n} inputs and {all_targets.shape[0]} targets."
             )
-        bs = config.batch_size
         batches: Iterable = [
             (_slice(all_inputs, s, s + bs), all_targets[s : s + bs]) for s in range(0, n, bs)
         ]
         total = -(-n // bs)
+    elif isinstance(data, Mapping):
+        n = _mapping_rows(data)
+        batches = [_slice_mapping(data, n, s, s + bs) for s in range(0, n, bs)]
+        total = -(-n // bs)
     elif isinstance(data, DataLoader):
         batches = data
     elif isinstance(data, Dataset) and hasattr(data, "__len__"):
-        batches = DataLoader(data, batch_size=config.batch_size, shuffle=False)
-    elif isinstance(data, Iterable) and not isinstance(data, (str, bytes, Mapping)):
+        batches = DataLoader(data, batch_size=bs, shuffle=False)
+    elif isinstance(data, Iterable) and not isinstance(data, (str, bytes)):
         batches = data
     else:
         raise ValueError(
             "The 'data' argument must be a DataLoader, a Dataset, a tuple (inputs, targets) "
-            f"of tensors or an iterable of (inputs, targets) batches. Got {type(data).__name__}."
+            "of tensors, a mapping of stacked tensors or an iterable of batches. Got "
+            f"{type(data).__name__}."
         )
     seen = 0
     for i, batch in enumerate(bar(batches, enabled=config.show_progress, total=total, desc=desc)):
-        inputs, targets = _pair(batch, i)
+        inputs, targets = _pair(batch, i, loss)
         if batch_len(inputs) == 0:
             continue
         seen += batch_len(inputs)
-        if device is not None or dtype is not None:
-            inputs, targets = to_device(inputs, device, dtype), to_device(targets, device, dtype)
-        yield inputs, targets
+        yield to_device(inputs, device, dtype), to_device(targets, device, dtype)
     if seen == 0:
         raise EmptyDataError(EMPTY_DATA_MESSAGE)
 
@@ -201,6 +326,8 @@ def known_length(data) -> int | None:
     try:
         if _is_pair_of_arrays(data):
             return int(batch_len(_as_tensor(data[0])))
+        if isinstance(data, Mapping):
+            return _mapping_rows(data)
         if isinstance(data, DataLoader):
             if data.batch_size is None:  # a custom batch_sampler: sizes unknown
                 return None
@@ -208,6 +335,6 @@ def known_length(data) -> int | None:
             return size - size % data.batch_size if data.drop_last else size
         if isinstance(data, Dataset):
             return len(data)
-    except TypeError:  # no __len__ (an IterableDataset, say)
+    except (TypeError, ValueError):  # no __len__ (an IterableDataset, say), no tensor
         return None
     return None

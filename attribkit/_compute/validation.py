@@ -33,7 +33,7 @@ __all__ = [
 ]
 
 #: The losses attribkit knows by name (and can sample targets from).
-BUILTIN_LOSS_NAMES = ("cross_entropy", "mse")
+BUILTIN_LOSS_NAMES = ("cross_entropy", "mse", "causal_lm")
 FISHERS = ("empirical", "true", "expected")
 
 
@@ -147,12 +147,12 @@ def check_config(owner, config) -> ComputeConfig:
 
 def check_loss(owner, loss):
     """A built-in loss name or a callable ``(outputs, targets) -> losses``."""
-    if callable(loss) or loss in BUILTIN_LOSS_NAMES:
+    if callable(loss) or (isinstance(loss, str) and loss in BUILTIN_LOSS_NAMES):
         return loss
     raise param_error(
         owner,
         "loss",
-        "'cross_entropy', 'mse' or a callable (outputs, targets) -> losses",
+        "'cross_entropy', 'mse', 'causal_lm' or a callable (outputs, targets) -> losses",
         loss,
     )
 
@@ -166,15 +166,24 @@ def check_fisher_loss(owner, fisher: str, loss) -> None:
     """``fisher="true"`` and ``"expected"`` need a built-in loss; raise otherwise.
 
     Both take targets from the model's predictive distribution, which is
-    known only for the built-in losses (a categorical for cross-entropy, a
-    Gaussian for MSE).
+    known only for the built-in losses (a categorical for cross-entropy and
+    ``"causal_lm"``, a Gaussian for MSE). ``"expected"`` with ``"causal_lm"``
+    (always a sequence) raises here, naming ``"true"``; cross-entropy on
+    sequence outputs raises once the outputs are seen.
     """
     if fisher in ("true", "expected") and loss not in BUILTIN_LOSS_NAMES:
         how = "samples targets from" if fisher == "true" else "takes the expectation over"
         raise ValueError(
             f"The 'fisher' parameter of {owner_name(owner)} is {fisher!r}, which {how} the "
-            "model's predictive distribution and is supported for loss='cross_entropy' and "
-            f"loss='mse' only. Got the custom loss {loss!r}; use fisher='empirical'."
+            "model's predictive distribution and is supported for the built-in losses "
+            "('cross_entropy', 'mse', 'causal_lm') only. Got the custom loss "
+            f"{loss!r}; use fisher='empirical'."
+        )
+    if fisher == "expected" and isinstance(loss, str) and loss == "causal_lm":
+        raise ValueError(
+            f"The 'fisher' parameter of {owner_name(owner)} is 'expected', which needs one "
+            "gradient per token and vocabulary entry with loss='causal_lm' (a sequence loss). "
+            "Use fisher='true' (one label sampled per token) or 'empirical'."
         )
 
 

@@ -17,9 +17,12 @@ The whole data flow, from ``fit`` to ``transform``:
    blocks regenerated per call; ``"sjlt"`` scatters each feature into its
    ``sparsity`` output coordinates (``index_add_``) without a dense matrix;
    ``backend="fast_jl"`` calls TRAK's CUDA kernel instead;
-4. ``per_example_gradients(model, data, projector=rp)`` goes through the
-   default :meth:`~attribkit.BaseEstimator.project_gradients`: one batch of
-   per-example gradients at a time, each through ``transform``.
+4. ``per_example_gradients(model, data, projector=rp)`` goes through
+   :meth:`RandomProjector.project_gradients`: when the whole matrix is cached
+   (or on fast_jl), one batch of per-example gradients at a time through
+   ``transform``; when it streams, the gradient rows are gathered up to the
+   memory budget and projected together, so each streamed block of the matrix
+   is generated once per budget-full of rows instead of once per batch.
 """
 
 from __future__ import annotations
@@ -30,9 +33,14 @@ import warnings
 
 import torch
 from sklearn.exceptions import DataDimensionalityWarning
+from sklearn.utils.validation import check_is_fitted
 
 from .._compute import validation as V
+from .._compute.budget import rows_within
+from .._compute.gradients import iter_gradients, layout_params
 from .._compute.model import param_shapes, select_params
+from .._compute.precision import itemsize
+from .._compute.vectors import flatten_dict
 from ..base import BaseEstimator
 from ..config import ComputeConfig
 from ._generator import PROJ_TYPES, Projection
@@ -137,6 +145,12 @@ class RandomProjector(BaseEstimator):
     ``O(n * n_features * sparsity)`` and needs no dense matrix (in a trial at
     5M features: 0.1 s per call instead of 12 s for rademacher). A progress
     bar (``config.progress``) follows the regenerated blocks.
+
+    With ``per_example_gradients(model, data, projector=proj)`` and a matrix
+    that streams, the gradient rows are gathered up to ``memory_budget``
+    (beside one streamed block; at least one batch) and projected together
+    without a cache (:meth:`project_gradients`): each block of the matrix is
+    then generated once per budget-full of rows instead of once per batch.
 
     ``proj_dim`` larger than the number of features does not reduce the
     dimension; ``fit`` then warns (``DataDimensionalityWarning``, as
@@ -286,3 +300,97 @@ class RandomProjector(BaseEstimator):
             res = fn(chunk.contiguous(), self.proj_dim, int(self.seed) % 2**32, num_sms)
             out[start : start + rows] = res[: min(rows, X.shape[0] - start)].float()
         return out / math.sqrt(self.proj_dim)
+
+    # ------------------------------------------------------ per-example gradients
+    def project_gradients(self, model, data, *, loss="cross_entropy", params=None, config=None):
+        """Projected per-example gradients batch by batch, the matrix generated once per pass.
+
+        Overrides :meth:`attribkit.BaseEstimator.project_gradients`. When the
+        whole matrix is cached (it fits ``memory_budget``), or on the fast_jl
+        backend, each batch goes through :meth:`transform` as in the default.
+        When it streams (a dense matrix larger than the budget, or an sjlt
+        index larger than half of it), regenerating it for every batch would
+        dominate the cost: the flat gradients are instead gathered into one
+        buffer of as many rows as fit the budget beside one streamed block
+        (at least one batch), and each buffer-full is projected in one pass
+        over the matrix blocks, with no cache, so that the buffer and the
+        block together stay within ``memory_budget``. The rows are the same
+        as the default's to the dtype's rounding, still yielded batch by
+        batch (in the estimator's ``config.dtype``, on its device).
+
+        Parameters
+        ----------
+        model : torch.nn.Module
+            The model the gradients are taken of (checked against the
+            fitted layout before anything runs).
+        data : DataLoader, Dataset, tuple (inputs, targets), mapping or iterable of batches
+            The examples.
+        loss : {"cross_entropy", "mse", "causal_lm"} or callable, default="cross_entropy"
+            The per-example loss.
+        params : list of str, optional
+            Parameters to differentiate; must name the fitted ones (any
+            order) when the projector was fitted on the model.
+        config : ComputeConfig, optional
+            ``batch_size``, progress and ``distributed`` of the gradient
+            pass; default the estimator's own. The buffer follows the
+            estimator's own ``memory_budget``.
+
+        Returns
+        -------
+        batches : iterator of torch.Tensor
+            ``(b, proj_dim_)`` rows per batch of ``data``.
+        k : int
+            ``proj_dim_``.
+
+        Examples
+        --------
+        >>> import torch, attribkit as ak
+        >>> model = torch.nn.Linear(30, 4)
+        >>> small = ak.ComputeConfig(memory_budget=4096)  # the matrix streams
+        >>> proj = ak.RandomProjector(proj_dim=16, config=small).fit(model)
+        >>> X, y = torch.randn(10, 30), torch.randint(0, 4, (10,))
+        >>> batches, k = proj.project_gradients(model, [(X[:5], y[:5]), (X[5:], y[5:])])
+        >>> k, [tuple(b.shape) for b in batches]
+        (16, [(5, 16), (5, 16)])
+        """
+        check_is_fitted(self)
+        engine = self._get_engine()
+        if self.backend_ == "fast_jl" or not engine.streams():
+            return super().project_gradients(model, data, loss=loss, params=params, config=config)
+        config = V.check_config(self, self._config if config is None else config)
+        names, _ = layout_params(model, self, params)
+        dtype = self._config.torch_dtype
+        room = max(0, self._config.memory_budget - engine.block_bytes())
+        capacity = rows_within(room, self.n_features_in_ * itemsize(dtype))
+
+        def batches():
+            buffer, parts = None, []  # parts: rows of each gathered batch
+            for grads in iter_gradients(model, data, loss=loss, params=names, config=config):
+                flat = flatten_dict(grads, names or grads).to(device=self._device, dtype=dtype)
+                b = flat.shape[0]
+                if parts and sum(parts) + b > capacity:
+                    yield from self._project_gathered(buffer, parts)
+                    parts = []
+                if b > capacity:  # one batch larger than the budget: on its own
+                    yield self._project_rows(flat)
+                    continue
+                if buffer is None:
+                    buffer = flat.new_empty(capacity, flat.shape[1])
+                start = sum(parts)
+                buffer[start : start + b].copy_(flat)
+                parts.append(b)
+            if parts:
+                yield from self._project_gathered(buffer, parts)
+
+        return batches(), int(self.proj_dim_)
+
+    def _project_rows(self, X: torch.Tensor) -> torch.Tensor:
+        return self._get_engine().project(X, progress=self._config.show_progress, cache=False)
+
+    def _project_gathered(self, buffer: torch.Tensor, parts: list[int]):
+        """The gathered rows projected in one pass, yielded as the batches they came in."""
+        Y = self._project_rows(buffer[: sum(parts)])
+        start = 0
+        for b in parts:
+            yield Y[start : start + b]
+            start += b
