@@ -288,7 +288,7 @@ class EKFACStatistics:
                             raise
                         # Every rank must reach the broadcast: NaN eigenvalues carry
                         # the failure to all of them, which then raise alike.
-                        failed[k] = str(exc)
+                        failed.setdefault(k, str(exc))
                         w = cov.new_full((cov.shape[0],), float("nan"))
                         Q = torch.zeros_like(cov)
                 else:

@@ -24,7 +24,7 @@ from torch import nn
 
 import attribkit as ak
 from attribkit._compute import capture
-from attribkit.ifvp.ekfac import eigh_psd
+from attribkit.ifvp.ekfac import EKFACStatistics, eigh_psd
 
 pytest.importorskip("transformers")
 
@@ -244,7 +244,8 @@ def test_two_linear_layers_sharing_a_weight():
     torch.manual_seed(0)
     model = TwinLinear().double()
     X, y = torch.randn(10, 4, dtype=D64), torch.randint(0, 3, (10,))
-    est = ak.EKFACIFVP(config=F64).fit(model, (X, y))
+    with pytest.warns(UserWarning, match=r"'enc' \(Linear, 20\), 'dec' \(Linear, 4\)"):
+        est = ak.EKFACIFVP(config=F64).fit(model, (X, y))
     assert est.layers_ == ["out"] and est.skipped_layers_ == ["enc", "dec"]
     assert "module 'dec'" in est.skipped_reasons_["enc"]
     assert "'enc.weight'" in est.skipped_reasons_["dec"]
@@ -400,6 +401,51 @@ def test_failing_eigh_falls_back_to_scipy_then_names_the_layer(monkeypatch):
     with pytest.raises(ValueError, match=r"input covariance A of layer '0' \(6 x 6\).*'evr'"):
         est.fit(model, (X, y))
     assert_close(est.transform(V), ref.transform(V), rtol=1e-10)  # the fit left it unchanged
+
+
+class TwoRanks:
+    """A stand-in for the Reducer of rank ``rank`` of 2: sums are local, and a broadcast
+    from the other rank delivers what ``remote`` makes of the buffer."""
+
+    active, world_size = True, 2
+
+    def __init__(self, rank, remote):
+        self.rank, self.remote, self.broadcasts = rank, remote, []
+
+    def sum_(self, *tensors):
+        pass
+
+    def broadcast_(self, flat, src):
+        self.broadcasts.append(src)
+        if src != self.rank:
+            flat.copy_(self.remote(flat))
+
+
+def two_layer_stats():
+    g = torch.Generator().manual_seed(0)
+    stats = EKFACStatistics([(3, 2), (4, 3)], ["first", "second"], device="cpu", dtype=D64)
+    for k, (d_in, d_out) in enumerate(stats.dims):
+        a = torch.randn(6, 2, d_in, generator=g, dtype=D64)
+        stats.update_covariances(k, a, torch.randn(6, 2, d_out, generator=g, dtype=D64))
+    return stats
+
+
+def test_distributed_eigh_failure_raises_on_every_rank(monkeypatch):
+    """Rank 0 decomposes layer 0, rank 1 layer 1: a failure reaches the broadcast first."""
+    import scipy.linalg
+
+    # Rank 1's layer failed there: its broadcast brings NaN eigenvalues.
+    red = TwoRanks(0, lambda flat: torch.full_like(flat, float("nan")))
+    with pytest.raises(ValueError, match="layer 'second' failed on rank 1"):
+        two_layer_stats().finish_covariances(red)
+    assert red.broadcasts == [0, 1]
+    # This rank's own layer fails: it still joins both broadcasts, then raises its error.
+    monkeypatch.setattr(torch.linalg, "eigh", failing([]))
+    monkeypatch.setattr(scipy.linalg, "eigh", scipy_fails)
+    red = TwoRanks(0, lambda flat: torch.zeros_like(flat))
+    with pytest.raises(ValueError, match="input covariance A of layer 'first' .*'evr'"):
+        two_layer_stats().finish_covariances(red)
+    assert red.broadcasts == [0, 1]
 
 
 def test_functional_ekfac_shares_the_eigh_fallbacks(monkeypatch):
