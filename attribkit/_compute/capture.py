@@ -82,8 +82,8 @@ Interface
     several losses on one forward (``fisher="expected"``: one per class); the
     recorded ``a`` are the same tensors each time. ``capture.inputs()``
     returns the ``a`` of the last forward without a backward;
-    ``capture.row_masks(mask)`` which rows of each layer are real tokens
-    under a batch's ``(batch, L)`` attention mask (call it before
+    ``capture.row_masks(token_mask(inputs))`` which rows of each layer are
+    real tokens under a batch's ``(batch, L)`` attention mask (call it before
     ``backward``); ``capture.reset()`` forgets the recorded forward
     (``backward`` does that itself unless ``retain_graph=True``). A module
     called several times in one forward (weight sharing) has its calls
@@ -112,7 +112,7 @@ import dataclasses
 import math
 import warnings
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -141,6 +141,7 @@ __all__ = [
     "register",
     "resolve_layers",
     "rule_for",
+    "token_mask",
     "warn_coverage",
     "warn_tied",
 ]
@@ -597,6 +598,22 @@ def matrix_to_params(layer: KFACLayer, matrix: torch.Tensor):
         w = w.transpose(1, 2)
     weight = w.reshape(m, *layer.weight_shape)
     return weight, (matrix[..., -1] if layer.has_bias else None)
+
+
+def token_mask(inputs) -> torch.Tensor | None:
+    """The ``(batch, L)`` token mask of a batch's inputs (nonzero at real tokens), or None.
+
+    A Hugging Face batch's ``"attention_mask"`` (inputs given as a Mapping of
+    the model's keyword arguments, a 2-D tensor); None when the inputs have
+    none (every position is real). Padded positions contribute nothing (API
+    section 7): with :meth:`LayerCapture.row_masks` it says which captured
+    rows EK-FAC's covariances leave out.
+    """
+    if isinstance(inputs, Mapping):
+        mask = inputs.get("attention_mask")
+        if isinstance(mask, torch.Tensor) and mask.ndim == 2:
+            return mask
+    return None
 
 
 # --------------------------------------------------------------------------- coverage

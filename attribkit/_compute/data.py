@@ -211,19 +211,3 @@ def known_length(data) -> int | None:
     except TypeError:  # no __len__ (an IterableDataset, say)
         return None
     return None
-
-
-def token_mask(inputs) -> torch.Tensor | None:
-    """The ``(batch, L)`` token mask of a batch's inputs: nonzero at real tokens.
-
-    A Hugging Face batch's ``"attention_mask"`` (inputs given as a Mapping of
-    the model's keyword arguments), or None when the inputs have none (every
-    position is real). Padded positions contribute nothing (API section 7):
-    consumers that average over token rows (EK-FAC's covariances) leave them
-    out with it.
-    """
-    if isinstance(inputs, Mapping):
-        mask = inputs.get("attention_mask")
-        if isinstance(mask, torch.Tensor) and mask.ndim == 2:
-            return mask
-    return None

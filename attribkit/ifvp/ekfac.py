@@ -82,10 +82,10 @@ from .._compute.capture import (
     matrix_view,
     param_layout,
     resolve_layers,
+    token_mask,
     warn_coverage,
     warn_tied,
 )
-from .._compute.data import token_mask
 from .._compute.distributed import Reducer
 from .._compute.distributed import reducer as make_reducer
 from .._compute.model import EvalMode, call_model, model_device, model_dtype
