@@ -264,3 +264,168 @@ def digits_model_and_gradients():
     idx = torch.arange(0, 1797, 9)[:200]
     cfg = ak.ComputeConfig(dtype="float64", batch_size=100)
     return model, ak.per_example_gradients(model, (X[idx], y[idx]), config=cfg)
+
+
+# --------------------------------------------------------------------------- real models
+# Hugging Face pieces are imported inside the factories: transformers and peft are
+# test extras, and the test modules that use them skip without them.
+def conv1d(nf, nx):
+    """transformers' GPT-style ``Conv1D(nf, nx)``: ``y = x @ W + b``, ``W`` ``(nx, nf)``."""
+    from transformers.pytorch_utils import Conv1D
+
+    return Conv1D(nf, nx)
+
+
+class Conv1DNet(nn.Module):
+    """Conv1D on tokens (a GELU MLP), pooled; an nn.Linear between; a Conv1D head on (b, d)."""
+
+    def __init__(self, d=5, hidden=7, out=3):
+        super().__init__()
+        self.up = conv1d(hidden, d)
+        self.mid = nn.Linear(hidden, hidden)
+        self.head = conv1d(out, hidden)
+
+    def forward(self, x):
+        h = torch.tanh(self.mid(nn.functional.gelu(self.up(x)))).mean(1)
+        return self.head(h)
+
+
+def conv1d_net(seed=0):
+    """:class:`Conv1DNet` in float64 with random (not zero) biases."""
+    torch.manual_seed(seed)
+    model = Conv1DNet().double()
+    with torch.no_grad():
+        for module in (model.up, model.head):
+            module.bias.normal_(0, 0.3)
+            module.weight.normal_(0, 0.5)
+    return model
+
+
+def conv1d_as_linear(model):
+    """A deep copy of ``model`` with every Conv1D replaced by the equivalent nn.Linear.
+
+    Ties survive (``copy.deepcopy`` keeps shared parameters shared).
+    """
+    import copy
+
+    model = copy.deepcopy(model)
+    for name, module in list(model.named_modules()):
+        if type(module).__name__ != "Conv1D":
+            continue
+        nx, nf = module.weight.shape
+        linear = nn.Linear(nx, nf, dtype=module.weight.dtype)
+        with torch.no_grad():
+            linear.weight.copy_(module.weight.T)
+            linear.bias.copy_(module.bias)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, linear)
+    return model
+
+
+class LMLogits(nn.Module):
+    """A causal LM called as ``model(input_ids, attention_mask)``, returning next-token logits.
+
+    ``(batch, vocab, T - 1)``: the logits of positions ``0 .. T-2`` in torch's
+    ``CrossEntropyLoss`` layout, to compare with ``input_ids[:, 1:]`` (the
+    test-only wrapper until models are taken raw).
+    """
+
+    def __init__(self, lm):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, input_ids, attention_mask=None):
+        out = self.lm(input_ids=input_ids, attention_mask=attention_mask)
+        return out.logits[:, :-1].transpose(1, 2)
+
+
+def token_sum_ce(outputs, targets):
+    """Per-example loss: the sum of the per-token cross entropies, ``-100`` ignored."""
+    return nn.functional.cross_entropy(outputs, targets, reduction="none").sum(1)
+
+
+def tiny_gpt2(seed=0, n_layer=2, n_embd=16, vocab=40, positions=16, **config):
+    """A random-init GPT-2 (float64) from a config: Conv1D layers, ``lm_head`` tied to ``wte``."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    cfg = GPT2Config(
+        n_layer=n_layer, n_head=2, n_embd=n_embd, vocab_size=vocab, n_positions=positions,
+        bos_token_id=0, eos_token_id=0, **config,
+    )  # fmt: skip
+    return GPT2LMHeadModel(cfg).double().eval()
+
+
+def lm_batch(ids, mask=None):
+    """``(inputs, targets)`` of a causal-LM batch: targets ``ids[:, 1:]``, ``-100`` at padding."""
+    if mask is None:
+        mask = torch.ones_like(ids)
+    targets = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+    return {"input_ids": ids, "attention_mask": mask}, targets
+
+
+def padded_sequences(lengths, length=None, vocab=40, seed=0):
+    """Token sequences of the given lengths, right-padded with 0 to ``length``, and the mask."""
+    g = torch.Generator().manual_seed(seed)
+    length = max(lengths) if length is None else length
+    ids = torch.zeros(len(lengths), length, dtype=torch.long)
+    mask = torch.zeros(len(lengths), length, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        ids[i, :n] = torch.randint(1, vocab, (n,), generator=g)
+        mask[i, :n] = 1
+    return ids, mask
+
+
+class BasicBlock(nn.Module):
+    """ResNet's basic block: conv-BN-ReLU-conv-BN plus a (strided 1x1 conv-BN) shortcut."""
+
+    def __init__(self, cin, cout, stride):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.relu = nn.ReLU(inplace=True)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(cin, cout, 1, stride=stride, bias=False), nn.BatchNorm2d(cout)
+            )
+
+    def forward(self, x):
+        h = self.relu(self.bn1(self.conv1(x)))
+        return self.relu(self.bn2(self.conv2(h)) + self.shortcut(x))
+
+
+class TinyResNet(nn.Module):
+    """A ResNet18-style CNN whose last stage sees 1 x 1 maps (8 x 8 inputs, three stride-2 stages).
+
+    Its 3 x 3 convs with padding 1 on 1 x 1 maps have 8 of every 9 unfolded
+    input columns always zero (ResNet18's layer4 at 32 x 32 in miniature).
+    """
+
+    def __init__(self, classes=3, width=(4, 4, 6, 5)):
+        super().__init__()
+        c0, c1, c2, c3 = width
+        self.stem = nn.Conv2d(3, c0, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(c0)
+        self.layer1 = BasicBlock(c0, c1, 2)  # 4 x 4
+        self.layer2 = BasicBlock(c1, c2, 2)  # 2 x 2
+        self.layer3 = BasicBlock(c2, c3, 2)  # 1 x 1
+        self.fc = nn.Linear(c3, classes)
+
+    def forward(self, x):
+        h = torch.relu(self.bn(self.stem(x)))
+        h = self.layer3(self.layer2(self.layer1(h)))
+        return self.fc(h.mean((2, 3)))
+
+
+def tiny_resnet(seed=0):
+    """:class:`TinyResNet` in float64, eval mode, with running statistics of 3 batches."""
+    torch.manual_seed(seed)
+    model = TinyResNet().double()
+    g = torch.Generator().manual_seed(seed + 100)
+    with torch.no_grad():
+        for _ in range(3):
+            model(1.0 + 2.0 * torch.randn(16, 3, 8, 8, generator=g, dtype=D64))
+    return model.eval()

@@ -210,6 +210,74 @@ def ekfac_factors(a_rows, s_rows, gradients):
     return QS, QA, lam
 
 
+def ekfac_of_model(model, X, y, layers, loss="cross_entropy"):
+    """EK-FAC of the named layers of a model from its definition: ``name -> (Q_S, Q_A, Λ)``.
+
+    Independent of attribkit's capture: plain forward hooks record each
+    layer's input and output (``nn.Linear`` on ``(n, *tokens, d)``;
+    ``nn.Conv2d`` unfolded with ``F.unfold``, zero padding only), ``s`` is the
+    gradient of the summed loss at the outputs, and the per-example gradients
+    come from one autograd call per example (the weight, and bias as the last
+    column). The model is evaluated in eval mode (mode restored afterwards);
+    ``loss`` is ``"cross_entropy"`` or a per-example callable.
+    """
+    F = torch.nn.functional
+    modules = dict(model.named_modules())
+    loss_fn = (
+        (lambda o, t: F.cross_entropy(o, t, reduction="none")) if loss == "cross_entropy" else loss
+    )
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    seen = {}
+
+    def hook(name):
+        def record(module, args, output):
+            seen[name] = (args[0].detach(), output)
+
+        return record
+
+    handles = [modules[n].register_forward_hook(hook(n)) for n in layers]
+    try:
+        total = loss_fn(model(X), y).sum()
+        outs = torch.autograd.grad(total, [seen[n][1] for n in layers])
+        rows = {}
+        for name, g in zip(layers, outs):
+            module, x = modules[name], seen[name][0]
+            if isinstance(module, torch.nn.Conv2d):
+                a = F.unfold(x, module.kernel_size, module.dilation, module.padding, module.stride)
+                a, s = a.transpose(1, 2), g.flatten(2).transpose(1, 2)
+            else:
+                a, s = (
+                    x.reshape(x.shape[0], -1, x.shape[-1]),
+                    g.reshape(g.shape[0], -1, g.shape[-1]),
+                )
+            if module.bias is not None:
+                a = torch.cat([a, torch.ones(*a.shape[:2], 1, dtype=a.dtype)], dim=2)
+            rows[name] = (a.reshape(-1, a.shape[-1]), s.reshape(-1, s.shape[-1]))
+        for h in handles:
+            h.remove()
+        handles = []
+        grads = {n: [] for n in layers}
+        for i in range(X.shape[0]):
+            value = loss_fn(model(X[i : i + 1]), y[i : i + 1]).sum()
+            params = [
+                p for n in layers for p in (modules[n].weight, modules[n].bias) if p is not None
+            ]
+            flat = list(torch.autograd.grad(value, params))
+            for n in layers:
+                w = flat.pop(0)
+                G = w.reshape(w.shape[0], -1)
+                if modules[n].bias is not None:
+                    G = torch.cat([G, flat.pop(0)[:, None]], dim=1)
+                grads[n].append(G)
+    finally:
+        for h in handles:
+            h.remove()
+        for module, training in modes:
+            module.training = training
+    return {n: ekfac_factors(rows[n][0], [rows[n][1]], [torch.stack(grads[n])]) for n in layers}
+
+
 def ekfac_matrix(QS, QA, lam, damping):
     """The dense EK-FAC curvature ``(Q_S ⊗ Q_A) diag(vec Λ) (Q_S ⊗ Q_A)^T + damping I``.
 

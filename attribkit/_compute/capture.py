@@ -8,34 +8,49 @@ it computes no statistics.
 
 Module types are covered through a registry keyed by type (as opacus'
 ``grad_sample``): one :class:`LayerRule` per type says how wide its gradient
-matrix is, how to turn the module's input into the ``(batch, T, d_in)``
+matrix is (``fan_in``, ``fan_out``), how its weight holds that matrix
+(``layout``), how to turn the module's input into the ``(batch, T, d_in)``
 rows ``a`` and its output gradient into the ``(batch, T, d_out)`` rows
 ``s``, and when a module of that type cannot be covered (a grouped
-convolution). ``nn.Linear`` and ``nn.Conv2d`` are registered here; a new
-type is one :func:`register` call. Lookup follows the class's MRO (a
-subclass of ``nn.Linear`` is covered as one) and also accepts a
-``"module.QualName"`` string key, so a type can be registered without
-importing the library that defines it.
+convolution). ``nn.Linear``, ``nn.Conv2d`` and Hugging Face's ``Conv1D``
+(``transformers.pytorch_utils.Conv1D``: ``y = x @ W + b`` with ``W`` of shape
+``(in, out)``, the ``nn.Linear`` it is with its weight transposed) are
+registered here; a new type is one :func:`register` call. Lookup follows the
+class's MRO (a subclass of ``nn.Linear`` is covered as one) and also accepts
+a ``"module.QualName"`` string key, so a type is registered without importing
+the library that defines it (``Conv1D`` is: transformers is never imported).
 
 Interface
 ---------
 ``resolve_layers(model, layers=None, owner="EKFACIFVP") -> (list[KFACLayer], skipped)``
-    ``layers=None``: every ``nn.Linear`` and ``nn.Conv2d`` (``groups=1``) with
-    a trainable parameter, in ``model.named_modules()`` order; modules with
-    trainable parameters of their own and another type (LayerNorm,
-    Embedding, grouped convolutions, ``nn.MultiheadAttention`` with its
-    ``out_proj``, whose forward is never called, ...) are returned in
-    ``skipped`` (names, model order); parameter-free modules are not listed.
-    Given module names (any order, returned in model order): a name the model
-    does not have, or a module of an unsupported type, raises ``ValueError``
-    naming it; requested modules are covered whether or not their
-    parameters are trainable.
+    ``layers=None``: every registered module (a ``Conv2d`` with ``groups=1``)
+    with a trainable parameter whose parameters no other module holds, in
+    ``model.named_modules()`` order; ``skipped`` is an ordered dict ``module
+    name -> reason`` of the modules with trainable parameters of their own
+    that are not covered: another type (LayerNorm, Embedding, grouped
+    convolutions, ``nn.MultiheadAttention`` with its ``out_proj``, whose
+    forward is never called, ...) or a tied weight (a parameter another
+    module also holds, as GPT-2's ``lm_head.weight`` is its
+    ``transformer.wte.weight``). Parameter-free and frozen modules are not
+    listed (peft's LoRA wrappers hold no parameter of their own and their
+    base layers are frozen: what is covered are their ``lora_A``/``lora_B``
+    ``nn.Linear`` modules). Given module names (any order, returned in model
+    order): a name the model does not have, or a module of an unsupported
+    type, raises ``ValueError`` naming it; requested modules are covered
+    whether or not their parameters are trainable, and a module with a tied
+    weight is covered under the weight's first name
+    (``KFACLayer.shared_with`` names the other modules; the estimators warn),
+    but two requested modules holding the same parameter raise.
 ``param_layout(layers) -> OrderedDict``
-    ``parameter name -> shape`` of the covered parameters: per layer its
-    weight, then its bias (when it has one), layers in model order; the names
-    are those of ``model.named_parameters()``, so
-    ``per_example_gradients(model, data, params=list(param_layout(layers)))``
-    gives vectors in this layout.
+    ``parameter name -> shape`` of the covered parameters, in the order of
+    ``model.named_parameters()`` (per layer its weight, then its bias, layers
+    in model order, unless a tied weight's first name comes earlier); the
+    names are those of ``model.named_parameters()`` (a tied weight has its
+    first name), so ``per_example_gradients(model, data,
+    params=list(param_layout(layers)))`` gives vectors in this layout.
+``coverage(model, layers)`` and ``warn_coverage`` / ``warn_tied``
+    The share of the model's trainable parameters the layers hold, with the
+    largest modules left out; the warnings both estimators give at fit.
 ``LayerCapture(model, layers, owner)``
     A context manager. On entry it registers one forward hook per covered
     layer; on exit (also when an exception is raised inside) it removes every
@@ -44,7 +59,7 @@ Interface
 
     * ``a``: the layer input as ``(batch, T, d_in)``, detached, with a column
       of ones appended when the layer has a bias (so ``d_in`` counts it).
-      ``nn.Linear`` on ``(batch, features)``: ``T = 1``; on
+      ``nn.Linear`` and ``Conv1D`` on ``(batch, features)``: ``T = 1``; on
       ``(batch, *dims, features)`` (tokens): ``T = prod(dims)``.
       ``nn.Conv2d``: the input unfolded (im2col) with
       ``torch.nn.functional.unfold`` and the conv's ``kernel_size``,
@@ -67,15 +82,22 @@ Interface
     several losses on one forward (``fisher="expected"``: one per class); the
     recorded ``a`` are the same tensors each time. ``capture.inputs()``
     returns the ``a`` of the last forward without a backward;
-    ``capture.reset()`` forgets the recorded forward (``backward`` does that
-    itself unless ``retain_graph=True``). A module called several times in
-    one forward (weight sharing) has its calls concatenated along ``T``.
+    ``capture.row_masks(token_mask(inputs))`` which rows of each layer are
+    real tokens under a batch's ``(batch, L)`` attention mask (call it before
+    ``backward``); ``capture.reset()`` forgets the recorded forward
+    (``backward`` does that itself unless ``retain_graph=True``). A module
+    called several times in one forward (weight sharing) has its calls
+    concatenated along ``T``.
 
 With ``a`` and ``s`` so shaped, the per-example gradient of a layer's weight
 matrix (bias as the last column) is ``sum_t s[i, t, :] outer a[i, t, :]`` =
-``s[i].T @ a[i]``, shape ``(d_out, d_in)``; ``matrix_to_params`` and
-``params_to_matrix`` convert between that matrix and the layer's parameters
-(a conv weight is ``(d_out, in * kh * kw)`` reshaped to the weight's shape).
+``s[i].T @ a[i]``, shape ``(d_out, d_in)``. How a weight holds its part of
+that matrix is the layer's ``layout``, plain data an estimator keeps in its
+fitted state: ``"out_in"`` (``nn.Linear``, ``nn.Conv2d``: the matrix is
+``weight.reshape(d_out, -1)``) or ``"in_out"`` (``Conv1D``: the matrix is
+``weight.T``). :func:`matrix_view` turns flat weights into matrices (a view,
+for reading or writing), and ``matrix_to_params`` / ``params_to_matrix``
+convert between the matrix and a layer's parameters.
 
 A layer whose output does not require grad (frozen parameters and nothing
 trainable upstream) gets a detached leaf that requires grad in place of its
@@ -88,8 +110,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -106,19 +129,52 @@ except ImportError:  # pragma: no cover - older torch
 
 
 __all__ = [
+    "LAYOUTS",
     "KFACLayer",
     "LayerCapture",
     "LayerRule",
+    "coverage",
     "matrix_to_params",
+    "matrix_view",
     "param_layout",
     "params_to_matrix",
     "register",
     "resolve_layers",
     "rule_for",
+    "token_mask",
+    "warn_coverage",
+    "warn_tied",
 ]
 
 
+# --------------------------------------------------------------------------- layouts
+#: How a weight holds its layer's ``(d_out, fan_in)`` gradient matrix.
+LAYOUTS = {
+    "out_in": "the matrix is weight.reshape(d_out, -1) (nn.Linear, nn.Conv2d)",
+    "in_out": "the matrix is weight.T, the weight being (fan_in, d_out) (Conv1D)",
+}
+
+
+def matrix_view(weight: torch.Tensor, layout: str, d_out: int) -> torch.Tensor:
+    """The ``(m, d_out, fan_in)`` matrices of flat weights ``(m, n_w)``, as a view.
+
+    A view, never a copy: read it, or ``copy_`` into it to write matrices back
+    into the flat weights (a column slice of a larger matrix is fine).
+    ``layout`` is plain data (:data:`LAYOUTS`), so a fitted estimator converts
+    vectors without the module.
+    """
+    if layout == "out_in":
+        return weight.unflatten(1, (d_out, -1))
+    if layout == "in_out":
+        return weight.unflatten(1, (-1, d_out)).transpose(1, 2)
+    raise ValueError(f"Unknown weight layout {layout!r}; expected one of {list(LAYOUTS)}.")
+
+
 # --------------------------------------------------------------------------- registry
+def _weight_rows(module: nn.Module) -> int:
+    return int(module.weight.shape[0])
+
+
 @dataclasses.dataclass(frozen=True)
 class LayerRule:
     """How the modules of one type are captured (one registry entry).
@@ -126,7 +182,7 @@ class LayerRule:
     Attributes
     ----------
     kind : str
-        Short name of the type (``"linear"``, ``"conv2d"``).
+        Short name of the type (``"linear"``, ``"conv2d"``, ``"conv1d"``).
     label : str
         The type as error messages name it (``"nn.Linear"``).
     fan_in : callable
@@ -141,6 +197,11 @@ class LayerRule:
     unsupported : callable
         ``module -> str or None``: why this module cannot be covered (None when
         it can), e.g. a grouped convolution.
+    fan_out : callable
+        ``module -> int``: rows of the matrix, ``d_out`` (default the weight's
+        first dimension).
+    layout : str
+        How the weight holds the matrix (:data:`LAYOUTS`; default ``"out_in"``).
     """
 
     kind: str
@@ -149,6 +210,14 @@ class LayerRule:
     inputs: Callable[[nn.Module, torch.Tensor], torch.Tensor]
     output_grads: Callable[[nn.Module, torch.Tensor], torch.Tensor]
     unsupported: Callable[[nn.Module], str | None] = lambda module: None
+    fan_out: Callable[[nn.Module], int] = _weight_rows
+    layout: str = "out_in"
+
+    def __post_init__(self):
+        if self.layout not in LAYOUTS:
+            raise ValueError(
+                f"LayerRule.layout must be one of {list(LAYOUTS)}; got {self.layout!r}."
+            )
 
 
 #: type (or "module.QualName") -> LayerRule; see :func:`register`.
@@ -174,13 +243,16 @@ def _labels(sep: str) -> str:
     return sep.join(labels)
 
 
-def _linear_inputs(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    if x.ndim < 2:
-        raise ValueError(
-            f"nn.Linear layers must get batched inputs (batch, ..., features) to be "
-            f"captured; got an input of shape {tuple(x.shape)}."
-        )
-    return x.reshape(x.shape[0], -1, x.shape[-1])
+def _token_inputs(label: str):
+    def inputs(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim < 2:
+            raise ValueError(
+                f"{label} layers must get batched inputs (batch, ..., features) to be "
+                f"captured; got an input of shape {tuple(x.shape)}."
+            )
+        return x.reshape(x.shape[0], -1, x.shape[-1])
+
+    return inputs
 
 
 def _token_rows(module: nn.Module, g: torch.Tensor) -> torch.Tensor:
@@ -227,7 +299,9 @@ def _grouped(module: nn.Conv2d) -> str | None:
 
 register(
     nn.Linear,
-    LayerRule("linear", "nn.Linear", lambda m: m.in_features, _linear_inputs, _token_rows),
+    LayerRule(
+        "linear", "nn.Linear", lambda m: m.in_features, _token_inputs("nn.Linear"), _token_rows
+    ),
 )
 register(
     nn.Conv2d,
@@ -238,6 +312,20 @@ register(
         _conv_inputs,
         _conv_positions,
         _grouped,
+    ),
+)
+# Hugging Face's GPT-style Conv1D, y = x @ W + b with W (in, out): the nn.Linear it
+# is, its weight the transposed matrix. Keyed by name: transformers is not imported.
+register(
+    "transformers.pytorch_utils.Conv1D",
+    LayerRule(
+        "conv1d",
+        "Conv1D",
+        lambda m: int(m.weight.shape[0]),
+        _token_inputs("Conv1D"),
+        _token_rows,
+        fan_out=lambda m: int(m.weight.shape[1]),
+        layout="in_out",
     ),
 )
 
@@ -251,18 +339,27 @@ class KFACLayer:
     name : str
         Module name in ``model.named_modules()``.
     kind : str
-        The :class:`LayerRule` kind of its type (``"linear"``, ``"conv2d"``).
+        The :class:`LayerRule` kind of its type (``"linear"``, ``"conv2d"``, ``"conv1d"``).
     module : torch.nn.Module
         The module itself (used while capturing; never pickled by estimators).
     weight_name, bias_name : str, str or None
-        Full parameter names (``bias_name`` is None without a bias).
+        Parameter names, as ``model.named_parameters()`` gives them (a tied
+        parameter's first name); ``bias_name`` is None without a bias.
     weight_shape : tuple
         Shape of the weight parameter.
     d_in : int
-        Columns of the layer's gradient matrix: ``in_features`` (Linear) or
-        ``in_channels * kh * kw`` (Conv2d), plus 1 with a bias.
+        Columns of the layer's gradient matrix: ``fan_in`` (``in_features``,
+        ``in_channels * kh * kw``), plus 1 with a bias.
     d_out : int
         Rows: ``out_features`` or ``out_channels``.
+    layout : str
+        How the weight holds the matrix (:data:`LAYOUTS`).
+    shared_with : tuple of str
+        Other modules that hold one of this layer's parameters (a tied
+        weight); empty for most layers.
+    positions : tuple of int
+        Positions of the weight (and bias) in ``model.named_parameters()``,
+        which order :func:`param_layout`.
     """
 
     name: str
@@ -273,6 +370,9 @@ class KFACLayer:
     weight_shape: tuple
     d_in: int
     d_out: int
+    layout: str = "out_in"
+    shared_with: tuple = ()
+    positions: tuple = dataclasses.field(default=(), compare=False)
 
     @property
     def has_bias(self) -> bool:
@@ -286,22 +386,43 @@ class KFACLayer:
         return shapes
 
 
-def _prefixed(prefix: str, name: str) -> str:
-    return f"{prefix}.{name}" if prefix else name
+class _Params:
+    """The model's parameters by identity: first names, positions and holders."""
+
+    def __init__(self, model: nn.Module, modules: OrderedDict):
+        self.name, self.position = {}, {}
+        for i, (name, p) in enumerate(model.named_parameters()):
+            self.name[id(p)], self.position[name] = name, i
+        self.holders: dict[int, list[str]] = {}
+        for mname, module in modules.items():
+            for p in module.parameters(recurse=False):
+                self.holders.setdefault(id(p), []).append(mname)
+
+    def shared_with(self, name: str, module: nn.Module) -> tuple:
+        """Other modules holding one of ``module``'s own parameters (tied weights)."""
+        others = {h for p in module.parameters(recurse=False) for h in self.holders[id(p)]}
+        others.discard(name)
+        return tuple(sorted(others))
 
 
-def _make_layer(name: str, module: nn.Module, rule: LayerRule) -> KFACLayer:
+def _make_layer(name: str, module: nn.Module, rule: LayerRule, params: _Params) -> KFACLayer:
     bias = getattr(module, "bias", None)
     weight = module.weight
+    weight_name = params.name[id(weight)]
+    bias_name = params.name[id(bias)] if bias is not None else None
+    names = (weight_name,) if bias_name is None else (weight_name, bias_name)
     return KFACLayer(
         name=name,
         kind=rule.kind,
         module=module,
-        weight_name=_prefixed(name, "weight"),
-        bias_name=_prefixed(name, "bias") if bias is not None else None,
+        weight_name=weight_name,
+        bias_name=bias_name,
         weight_shape=tuple(weight.shape),
         d_in=rule.fan_in(module) + (bias is not None),
-        d_out=int(weight.shape[0]),
+        d_out=int(rule.fan_out(module)),
+        layout=rule.layout,
+        shared_with=params.shared_with(name, module),
+        positions=tuple(params.position[n] for n in names),
     )
 
 
@@ -324,15 +445,29 @@ def _layer_input(layer: KFACLayer, x: torch.Tensor) -> torch.Tensor:
     return a
 
 
+def _tied_reason(name: str, module: nn.Module, params: _Params, others: tuple) -> str:
+    tied = [
+        params.name[id(p)]
+        for p in module.parameters(recurse=False)
+        if len(params.holders[id(p)]) > 1
+    ]
+    return (
+        f"its parameter {', '.join(repr(t) for t in tied)} is tied to (also held by) module "
+        f"{', '.join(repr(o) for o in others)}: its factors would describe this use only, "
+        "while the parameter's gradient sums every use (name it in layers=[...] to cover it "
+        "anyway, with a warning)"
+    )
+
+
 def resolve_layers(model: nn.Module, layers=None, owner="EKFACIFVP"):
-    """The covered layers and the skipped module names (see the module docstring).
+    """The covered layers and the skipped modules (see the module docstring).
 
     Parameters
     ----------
     model : torch.nn.Module
     layers : list of str, optional
         Module names to cover; ``None`` covers every supported module with a
-        trainable parameter.
+        trainable parameter (tied ones excepted).
     owner : estimator or str
         Named in error messages.
 
@@ -340,12 +475,14 @@ def resolve_layers(model: nn.Module, layers=None, owner="EKFACIFVP"):
     -------
     covered : list of KFACLayer
         In model order.
-    skipped : list of str
-        ``layers=None`` only: modules with trainable parameters of their own
-        that cannot be covered (an empty list when ``layers`` is given).
+    skipped : OrderedDict
+        ``layers=None`` only: ``module name -> reason`` for the modules with
+        trainable parameters of their own that are not covered (empty when
+        ``layers`` is given).
     """
     who = V.owner_name(owner)
     modules = OrderedDict(model.named_modules())
+    params = _Params(model, modules)
     if layers is not None:
         if isinstance(layers, str) or not all(isinstance(n, str) for n in layers):
             raise V.param_error(owner, "layers", "None or a list of module names", layers)
@@ -369,7 +506,7 @@ def resolve_layers(model: nn.Module, layers=None, owner="EKFACIFVP"):
             if rule is None:
                 raise ValueError(
                     f"The 'layers' parameter of {who} names module {name!r} of type "
-                    f"{type(module).__name__}, which is not supported: only {_labels(' and ')} "
+                    f"{type(module).__name__}, which is not supported: only {_labels(', ')} "
                     f"layers can be covered (a convolution with groups=1). Supported modules "
                     f"of this model: {supported}."
                 )
@@ -379,9 +516,20 @@ def resolve_layers(model: nn.Module, layers=None, owner="EKFACIFVP"):
                     f"The 'layers' parameter of {who} names module {name!r}, {reason}; it "
                     "cannot be covered."
                 )
-        covered = [_make_layer(n, m, rule_for(m)) for n, m in modules.items() if n in set(layers)]
-        return covered, []
-    covered, skipped = [], []
+        wanted = set(layers)
+        covered = [
+            _make_layer(n, m, rule_for(m), params) for n, m in modules.items() if n in wanted
+        ]
+        for layer in covered:
+            both = sorted(wanted.intersection(layer.shared_with))
+            if both:
+                raise ValueError(
+                    f"The 'layers' parameter of {who} names modules {[layer.name, *both]} that "
+                    f"hold the same (tied) parameter {layer.weight_name!r}: one parameter can "
+                    "have one block of factors. Name one of them."
+                )
+        return covered, OrderedDict()
+    covered, skipped = [], OrderedDict()
     # Modules whose forward does not call their children (MultiheadAttention
     # uses out_proj.weight directly) are skipped whole.
     opaque: list[str] = []
@@ -391,50 +539,147 @@ def resolve_layers(model: nn.Module, layers=None, owner="EKFACIFVP"):
         if isinstance(module, nn.MultiheadAttention):
             opaque.append(name)
             if any(p.requires_grad for p in module.parameters()):
-                skipped.append(name)
+                skipped[name] = (
+                    "nn.MultiheadAttention: its forward uses its projections' weights directly "
+                    "(out_proj's forward is never called), so no layer of it can be hooked"
+                )
+            continue
+        if not _own_trainable(module):
             continue
         rule = rule_for(module)
-        if rule is not None:
-            if not _own_trainable(module):
-                continue
-            if rule.unsupported(module) is None:
-                covered.append(_make_layer(name, module, rule))
-            else:
-                skipped.append(name)
-        elif _own_trainable(module):
-            skipped.append(name)
+        if rule is None:
+            skipped[name] = (
+                f"{type(module).__name__}: not a supported type (only {_labels(', ')} layers "
+                "are covered)"
+            )
+            continue
+        reason = rule.unsupported(module)
+        others = params.shared_with(name, module)
+        if reason is not None:
+            skipped[name] = reason
+        elif others:
+            skipped[name] = _tied_reason(name, module, params, others)
+        else:
+            covered.append(_make_layer(name, module, rule, params))
     if not covered:
         raise ValueError(
             f"The model given to {who} has no {_labels(' or ')} module (a convolution with "
             f"groups=1) with trainable parameters to cover. Modules with trainable parameters "
-            f"of other types: {skipped}."
+            f"that are not covered: {dict(skipped)}."
         )
     return covered, skipped
 
 
 def param_layout(layers) -> OrderedDict:
-    """``parameter name -> shape``: weight then bias per layer, layers in order."""
-    shapes = OrderedDict()
-    for layer in layers:
-        shapes.update(layer.param_shapes)
-    return shapes
+    """``parameter name -> shape`` of the covered parameters, in the model's parameter order."""
+    entries = []
+    for index, layer in enumerate(layers):
+        for j, (name, shape) in enumerate(layer.param_shapes.items()):
+            position = layer.positions[j] if layer.positions else index
+            entries.append((position, index, j, name, shape))
+    entries.sort(key=lambda e: e[:3])
+    return OrderedDict((name, shape) for *_, name, shape in entries)
 
 
 def params_to_matrix(layer: KFACLayer, weight: torch.Tensor, bias: torch.Tensor | None):
     """``(m, *weight_shape)`` and ``(m, d_out)`` -> the ``(m, d_out, d_in)`` matrix."""
     m = weight.shape[0]
-    w = weight.reshape(m, layer.d_out, -1)
+    w = matrix_view(weight.reshape(m, -1), layer.layout, layer.d_out)
     if bias is None:
-        return w
+        return w.contiguous()
     return torch.cat([w, bias.reshape(m, layer.d_out, 1)], dim=2)
 
 
 def matrix_to_params(layer: KFACLayer, matrix: torch.Tensor):
     """``(m, d_out, d_in)`` -> ``(weight (m, *weight_shape), bias (m, d_out) or None)``."""
     m = matrix.shape[0]
-    if layer.has_bias:
-        return matrix[..., :-1].reshape(m, *layer.weight_shape), matrix[..., -1]
-    return matrix.reshape(m, *layer.weight_shape), None
+    w = matrix[..., :-1] if layer.has_bias else matrix
+    if layer.layout == "in_out":
+        w = w.transpose(1, 2)
+    weight = w.reshape(m, *layer.weight_shape)
+    return weight, (matrix[..., -1] if layer.has_bias else None)
+
+
+def token_mask(inputs) -> torch.Tensor | None:
+    """The ``(batch, L)`` token mask of a batch's inputs (nonzero at real tokens), or None.
+
+    A Hugging Face batch's ``"attention_mask"`` (inputs given as a Mapping of
+    the model's keyword arguments, a 2-D tensor); None when the inputs have
+    none (every position is real). Padded positions contribute nothing (API
+    section 7): with :meth:`LayerCapture.row_masks` it says which captured
+    rows EK-FAC's covariances leave out.
+    """
+    if isinstance(inputs, Mapping):
+        mask = inputs.get("attention_mask")
+        if isinstance(mask, torch.Tensor) and mask.ndim == 2:
+            return mask
+    return None
+
+
+# --------------------------------------------------------------------------- coverage
+def coverage(model: nn.Module, layers):
+    """How much of the model's trainable parameters the layers hold.
+
+    Returns
+    -------
+    covered, total : int
+        Trainable parameters (each counted once, tied ones included) held by
+        the layers, and in the whole model.
+    left_out : list of (str, str, int)
+        ``(module name, type name, trainable parameters)`` of the modules
+        holding the trainable parameters not covered (each parameter counted
+        under the module of its first name), largest first.
+    """
+    mine = {n for layer in layers for n in layer.param_shapes}
+    modules = dict(model.named_modules())
+    covered = total = 0
+    counts: OrderedDict = OrderedDict()
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        total += p.numel()
+        if name in mine:
+            covered += p.numel()
+            continue
+        owner = name.rsplit(".", 1)[0] if "." in name else ""
+        counts[owner] = counts.get(owner, 0) + p.numel()
+    left_out = [(n, type(modules[n]).__name__, c) for n, c in counts.items()]
+    left_out.sort(key=lambda e: -e[2])  # stable: model order among equals
+    return covered, total, left_out
+
+
+def warn_coverage(model: nn.Module, layers, owner, consequence: str, largest: int = 5) -> None:
+    """Warn (``UserWarning``) when the layers hold less than half of the trainable parameters."""
+    covered, total, left_out = coverage(model, layers)
+    if total == 0 or 2 * covered >= total:
+        return
+    listed = ", ".join(f"{n or '<model>'!r} ({t}, {c:,})" for n, t, c in left_out[:largest])
+    count = f"{len(layers)} layer" + ("s" if len(layers) != 1 else "")
+    warnings.warn(
+        f"{V.owner_name(owner)} covers {covered / total:.1%} of the model's trainable "
+        f"parameters ({covered:,} of {total:,}) with its {count}. The largest modules left "
+        f"out (name, type, trainable parameters): {listed}. {consequence} Only "
+        f"{_labels(', ')} modules (a convolution with groups=1) whose parameters no other "
+        "module holds are covered automatically: skipped_reasons_ says why each module "
+        "was skipped; name modules in layers=[...] to choose.",
+        UserWarning,
+        stacklevel=4,
+    )
+
+
+def warn_tied(layers, owner, consequence: str) -> None:
+    """Warn (``UserWarning``) once per covered layer holding a parameter tied to another module."""
+    for layer in layers:
+        if layer.shared_with:
+            warnings.warn(
+                f"{V.owner_name(owner)} covers layer {layer.name!r}, whose weight "
+                f"{layer.weight_name!r} is tied to (also held by) module(s) "
+                f"{list(layer.shared_with)}: its factors describe the use of the parameter "
+                f"by {layer.name!r} only, while the parameter's gradient sums every use. "
+                f"{consequence}",
+                UserWarning,
+                stacklevel=4,
+            )
 
 
 class LayerCapture:
@@ -508,6 +753,34 @@ class LayerCapture:
                 "gradients cannot be captured. Pass layers=[...] naming modules the forward "
                 "calls."
             )
+
+    def row_masks(self, mask: torch.Tensor | None) -> list:
+        """Which captured rows of each layer are real tokens, under a batch's token mask.
+
+        ``mask`` is ``(batch, L)`` (an ``attention_mask``: nonzero at real
+        tokens), or None. A call of a layer whose rows are ``(batch, L, d)``
+        (``T = L``: one row per token) takes the mask; other calls (pooled
+        heads, conv positions, ``T != L``) keep every row. Returns per layer a
+        ``(batch, T)`` boolean tensor, or None where every row is kept. Call it
+        after the forward and before ``backward`` (which forgets the forward).
+        """
+        self._check_called()
+        if mask is None or mask.ndim != 2:
+            return [None] * len(self.layers)
+        b, length = mask.shape
+        out = []
+        for calls in self._inputs:
+            if not any(x.shape[:2] == (b, length) for x in calls):
+                out.append(None)
+                continue
+            keep = (mask != 0).to(calls[0].device)
+            parts = [
+                keep if x.shape[:2] == (b, length)
+                else torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
+                for x in calls
+            ]  # fmt: skip
+            out.append(parts[0] if len(parts) == 1 else torch.cat(parts, dim=1))
+        return out
 
     def inputs(self) -> list[torch.Tensor]:
         """The recorded ``a`` per layer, ``(batch, T, d_in)``, of the last forward."""

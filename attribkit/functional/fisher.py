@@ -971,16 +971,14 @@ def ifvp_at_x_ekfac(
     def covariance_batches():
         for batch in batches():
             triples, mask = read(batch)
-            if mask is not None:  # only the valid positions, as rows of one "example"
-                keep = mask.reshape(-1) != 0
-                for k, (a, _) in enumerate(triples):
-                    _check_mask(mask, a, k, name)
-                triples = [
-                    (a.reshape(-1, a.shape[-1])[keep].unsqueeze(0),
-                     s.reshape(-1, s.shape[-1])[keep].unsqueeze(0))
-                    for a, s in triples
-                ]  # fmt: skip
-            yield [(a, s, None) for a, s in triples]
+            if mask is None:
+                yield [(a, s, None) for a, s in triples]
+                continue
+            for k, (a, _) in enumerate(triples):
+                _check_mask(mask, a, k, name)
+            # Only the valid positions enter A, S and their row counts (as padding
+            # does in EKFACIFVP).
+            yield [(a, s, None, mask != 0) for a, s in triples]
 
     def lambda_batches():
         for batch in batches():
@@ -996,7 +994,7 @@ def ifvp_at_x_ekfac(
     head = next(first)
     a0 = head[0][0]
     stats = EKFACStatistics(
-        [(a.shape[-1], s.shape[-1]) for a, s, _ in head],
+        [(t[0].shape[-1], t[1].shape[-1]) for t in head],
         [f"cache {k}" for k in range(len(head))],
         device=a0.device,
         dtype=float_dtype(a0.dtype),

@@ -3,15 +3,16 @@
 The whole data flow, from ``fit`` to ``transform``:
 
 1. :mod:`attribkit._compute.capture` finds the covered layers (its registry:
-   ``nn.Linear``, ``nn.Conv2d``) and, per batch of
+   ``nn.Linear``, ``nn.Conv2d``, Hugging Face's ``Conv1D``) and, per batch of
    :func:`attribkit._compute.targets.target_batches` (the targets of the
    empirical, true or expected Fisher), captures each layer's input ``a``
    ``(b, T, d_in)`` (ones column for the bias, conv inputs unfolded) and
    output gradient ``s`` ``(b, T, d_out)`` of the SUM of per-example losses;
 2. pass 1 (``EKFACStatistics.update_covariances``): sums ``a^T a`` and
-   ``s^T s`` over all rows (tokens, positions) and counts them;
-   ``finish_covariances`` reduces sums and counts over processes, normalises
-   (``A = E[a a^T]``, ``S = E[s s^T]``) and eigendecomposes in float64:
+   ``s^T s`` over all rows (tokens, positions; not the padded tokens of a
+   batch's ``attention_mask``) and counts them; ``finish_covariances``
+   reduces sums and counts over processes, normalises (``A = E[a a^T]``,
+   ``S = E[s s^T]``) and eigendecomposes in float64 (:func:`eigh_psd`):
    ``A = Q_A diag(.) Q_A^T``, ``S = Q_S diag(.) Q_S^T`` (eigenvectors as columns);
 3. pass 2 (``update_lambda``): the per-example gradient in that basis,
    ``Q_S^T (s_i^T a_i) Q_A``, squared and summed over examples (from pass 1's
@@ -28,22 +29,32 @@ Statistics core (no hooks): ``EKFACStatistics`` and ``ekfac_apply``
     ``dims``: one ``(d_in, d_out)`` per layer; ``dtype``: the dtype of the
     incoming ``a`` and ``s`` (the products run in it, or float32 for half
     types; sums are folded into float64 regularly).
-``update_covariances(k, a, s, weights=None)``
+``update_covariances(k, a, s, weights=None, rows=None)``
     One batch of layer ``k``: ``a`` ``(b, T, d_in)``, ``s`` ``(b, T, d_out)``
     with optional per-example ``weights`` ``(b,)``, or ``s`` ``(K, b, T, d_out)``
     with ``weights`` ``(K, b)`` (``fisher="expected"``: ``S`` gets
-    ``sum_k w_k s_k s_k^T``). Call it once per batch and layer.
+    ``sum_k w_k s_k s_k^T``); ``rows``, a ``(b, T)`` boolean mask, keeps only
+    those rows (padding left out of the sums and the row count). Call it
+    once per batch and layer.
 ``finish_covariances(reducer=None)``
     Raises ``ValueError`` naming the layer and the first batch where a NaN or
     infinity appeared, before any eigendecomposition; all-reduces the raw sums
     and counts with ``reducer.sum_`` (:mod:`attribkit._compute.distributed`;
-    once for the pass), normalises, eigendecomposes. Afterwards ``Q_A[k]``,
-    ``Q_S[k]``, ``eigvals_A[k]``, ``eigvals_S[k]`` (float64) are set.
+    once for the pass), normalises, eigendecomposes (:func:`eigh_psd`: a
+    failure raises ``ValueError`` naming the layer and the factor, on every
+    rank). Afterwards ``Q_A[k]``, ``Q_S[k]``, ``eigvals_A[k]``,
+    ``eigvals_S[k]`` (float64) are set.
 ``update_lambda(k, a, s, weights=None)`` / ``finish_lambda(reducer=None)``
     Pass 2, same shapes; returns the list of float64 ``Λ`` ``(d_out, d_in)``.
 ``fit_statistics(stats, covariance_batches, lambda_batches, *, reducer, keep_budget)``
-    Both passes over batches of per-layer ``(a, s, weights)`` triples;
-    returns ``Λ``.
+    Both passes over batches of per-layer ``(a, s, weights)`` triples (or
+    ``(a, s, weights, rows)``: ``rows`` enters the covariances only, ``Λ``
+    takes each example's whole gradient); returns ``Λ``.
+``eigh_psd(cov, what=...)``
+    The eigendecomposition of a PSD covariance that never surfaces a LAPACK
+    error: structurally zero rows and columns exactly (eigenvalue 0, unit
+    vectors), then ``torch.linalg.eigh``, then scipy's ``"evr"`` and ``"ev"``
+    drivers, then ``ValueError`` naming ``what``.
 ``check_lambda(lam, damping, *, d, dtype, ...)``
     The rounding floor ``(eps * d)^2 * max(Λ)`` below which an entry counts
     as zero, and the error when the damping is 0.
@@ -58,21 +69,30 @@ there is no second implementation.
 
 from __future__ import annotations
 
-import math
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
 
+import numpy as np
 import torch
 
 from .._compute import validation as V
 from .._compute.budget import rows_within
-from .._compute.capture import LayerCapture, param_layout, resolve_layers
+from .._compute.capture import (
+    LayerCapture,
+    matrix_view,
+    param_layout,
+    resolve_layers,
+    token_mask,
+    warn_coverage,
+    warn_tied,
+)
 from .._compute.distributed import Reducer
 from .._compute.distributed import reducer as make_reducer
 from .._compute.model import EvalMode, call_model, model_device, model_dtype
 from .._compute.precision import F64 as _F64
 from .._compute.precision import itemsize, matmul_dtype
 from .._compute.targets import resolve_loss, target_batches
+from .._compute.vectors import offsets
 from ..base import BaseEstimator
 from ..config import ComputeConfig
 
@@ -81,6 +101,7 @@ __all__ = [
     "EKFACStatistics",
     "check_lambda",
     "ekfac_apply",
+    "eigh_psd",
     "fit_statistics",
 ]
 
@@ -188,10 +209,21 @@ class EKFACStatistics:
         self.lambda_examples = [0] * len(self.dims)
 
     # ------------------------------------------------------------ pass 1
-    def update_covariances(self, k: int, a: torch.Tensor, s: torch.Tensor, weights=None) -> None:
-        """Add one batch of layer ``k`` to the sums of ``a a^T`` and ``s s^T``."""
-        a2 = _rows(a.to(self.dtype))
-        s2 = _rows(_weighted(s.to(self.dtype), weights))
+    def update_covariances(
+        self, k: int, a: torch.Tensor, s: torch.Tensor, weights=None, rows=None
+    ) -> None:
+        """Add one batch of layer ``k`` to the sums of ``a a^T`` and ``s s^T``.
+
+        ``rows``: an optional ``(b, T)`` boolean mask of the rows (tokens) to
+        count; the others (padding) enter neither the sums nor the row count.
+        """
+        a = a.to(self.dtype)
+        s = _weighted(s.to(self.dtype), weights)
+        if rows is not None:
+            rows = rows.to(device=a.device, dtype=torch.bool)
+            a2, s2 = a[rows], _rows(s[:, rows])
+        else:
+            a2, s2 = _rows(a), _rows(s)
         A, S = self.A[k], self.S[k]
         A.partial.addmm_(a2.mT, a2)
         S.partial.addmm_(s2.mT, s2)
@@ -240,15 +272,25 @@ class EKFACStatistics:
         # the very same bases whatever its LAPACK and thread count.
         world = reducer.world_size if active else 1
         rank = reducer.rank if active else 0
+        failed: dict[int, str] = {}
         for k in range(n):
             rows = max(self.rows[k], 1)
-            for total, vals, vecs in (
-                (self.A[k], self.eigvals_A, self.Q_A),
-                (self.S[k], self.eigvals_S, self.Q_S),
+            for total, vals, vecs, factor in (
+                (self.A[k], self.eigvals_A, self.Q_A, "input covariance A"),
+                (self.S[k], self.eigvals_S, self.Q_S, "output-gradient covariance S"),
             ):
                 cov = total.total.div_(rows)
                 if k % world == rank:
-                    w, Q = torch.linalg.eigh(cov)
+                    try:
+                        w, Q = eigh_psd(cov, what=f"{factor} of layer {self.names[k]!r}")
+                    except ValueError as exc:
+                        if not active:
+                            raise
+                        # Every rank must reach the broadcast: NaN eigenvalues carry
+                        # the failure to all of them, which then raise alike.
+                        failed.setdefault(k, str(exc))
+                        w = cov.new_full((cov.shape[0],), float("nan"))
+                        Q = torch.zeros_like(cov)
                 else:
                     w, Q = cov.new_empty(cov.shape[0]), torch.empty_like(cov)
                 vals.append(w)
@@ -266,6 +308,18 @@ class EKFACStatistics:
                 for t in parts:
                     t.copy_(flat[start : start + t.numel()].view_as(t))
                     start += t.numel()
+            for k in range(n):
+                if not bool(torch.isfinite(self.eigvals_A[k]).all()) or not bool(
+                    torch.isfinite(self.eigvals_S[k]).all()
+                ):
+                    raise ValueError(
+                        failed.get(
+                            k,
+                            f"The eigendecomposition of a covariance of layer {self.names[k]!r} "
+                            f"failed on rank {k % world}, which decomposes that layer; see the "
+                            "error there.",
+                        )
+                    )
         self.L = [_Sum((o, i), self.device, self.dtype, False) for i, o in self.dims]
         self._QA_c = [q.to(self.dtype) for q in self.Q_A]
         self._QS_c = [q.to(self.dtype) for q in self.Q_S]
@@ -345,6 +399,67 @@ class EKFACStatistics:
         return [t.total.div_(max(n, 1)) for t, n in zip(self.L, self.lambda_examples)]
 
 
+def _eigh(cov: torch.Tensor, what: str):
+    """``torch.linalg.eigh``, then scipy's MRRR (``"evr"``) and QR (``"ev"``) drivers."""
+    try:
+        return torch.linalg.eigh(cov)
+    except torch.linalg.LinAlgError as exc:  # torch uses divide and conquer (syevd)
+        first = exc
+    import scipy.linalg
+
+    matrix = cov.detach().cpu().numpy()
+    for driver in ("evr", "ev"):
+        try:
+            w, Q = scipy.linalg.eigh(matrix, driver=driver, check_finite=False)
+        except (np.linalg.LinAlgError, ValueError):
+            continue
+        return (
+            torch.from_numpy(w).to(device=cov.device, dtype=cov.dtype),
+            torch.from_numpy(Q).to(device=cov.device, dtype=cov.dtype),
+        )
+    raise ValueError(
+        f"Cannot eigendecompose the {what} ({cov.shape[0]} x {cov.shape[0]}): "
+        f"torch.linalg.eigh failed ({first}), and so did scipy.linalg.eigh with the drivers "
+        "'evr' and 'ev'. The covariance is too ill-conditioned to decompose: check the layer's "
+        "inputs (huge or nearly constant values), fit in float64, or leave the layer out "
+        "(layers=[...])."
+    ) from first
+
+
+def eigh_psd(cov: torch.Tensor, *, what: str = "covariance"):
+    """Eigendecomposition of a symmetric PSD covariance that never raises a LAPACK error.
+
+    1. Structurally zero rows and columns (a zero diagonal entry of a PSD
+       matrix makes its row and column zero; e.g. the input columns of a conv
+       on 1 x 1 maps that only ever see padding) get eigenvalue 0 and unit
+       eigenvectors, exactly; only the rest is decomposed (also much cheaper
+       when most columns are zero).
+    2. ``torch.linalg.eigh`` on the rest; where LAPACK fails to converge,
+       ``scipy.linalg.eigh`` with the ``"evr"`` then the ``"ev"`` driver.
+    3. Otherwise ``ValueError`` naming ``what`` (the layer and the factor).
+
+    Returns eigenvalues (ascending) and eigenvectors as columns, like
+    ``torch.linalg.eigh``.
+    """
+    d = cov.shape[0]
+    nonzero = cov != 0
+    zero = (cov.diagonal() == 0) & ~nonzero.any(0) & ~nonzero.any(1)
+    if not bool(zero.any()):
+        return _eigh(cov, what)
+    kept = (~zero).nonzero().squeeze(1)
+    dropped = zero.nonzero().squeeze(1)
+    vals = cov.new_zeros(d)
+    vecs = cov.new_zeros(d, d)
+    n_zero = dropped.numel()
+    vecs[dropped, torch.arange(n_zero, device=cov.device)] = 1
+    if kept.numel():
+        w, Q = _eigh(cov[kept][:, kept], what)
+        vals[n_zero:] = w
+        vecs[kept.unsqueeze(1), torch.arange(n_zero, d, device=cov.device)] = Q
+    order = torch.argsort(vals, stable=True)
+    return vals[order], vecs[:, order]
+
+
 def ekfac_apply(Q_S: torch.Tensor, Q_A: torch.Tensor, scale: torch.Tensor, X: torch.Tensor):
     """``Q_S ((Q_S^T X Q_A) * scale) Q_A^T`` for ``X`` of shape ``(m, d_out, d_in)``."""
     m, d_out, d_in = X.shape
@@ -394,15 +509,15 @@ def fit_statistics(
     kept = ([], 0) if keep_budget is not None else None
     with red.shard_pass(f"{owner} (covariance pass)") as shard:
         for triples in covariance_batches:
-            for k, (a, s, w) in enumerate(triples):
-                stats.update_covariances(k, a, s, w)
+            for k, (a, s, w, *rows) in enumerate(triples):
+                stats.update_covariances(k, a, s, w, rows[0] if rows else None)
             shard.count += int(triples[0][0].shape[0]) if triples else 1
             kept = _keep(kept, triples, keep_budget)
     stats.finish_covariances(red)
     second = kept[0] if kept is not None else lambda_batches()
     with red.shard_pass(f"{owner} (eigenvalue-correction pass)") as shard:
         for triples in second:
-            for k, (a, s, w) in enumerate(triples):
+            for k, (a, s, w, *_) in enumerate(triples):
                 stats.update_lambda(k, a, s, w)
             shard.count += int(triples[0][0].shape[0]) if triples else 1
     return stats.finish_lambda(red)
@@ -447,8 +562,14 @@ class EKFACIFVP(BaseEstimator):
     where ``V_l`` is the ``(d_out, d_in)`` matrix of layer ``l``'s weight with
     its bias as the last column. Layers are independent (block-diagonal).
 
-    ``fit(model, data)`` hooks the model's ``nn.Linear`` and ``nn.Conv2d``
-    layers; the forward pass needs no change. Two passes over ``data``: the
+    ``fit(model, data)`` hooks the model's ``nn.Linear``, ``nn.Conv2d`` and
+    Hugging Face ``Conv1D`` layers (GPT-2's attention and MLP: the
+    ``nn.Linear`` it is, its ``(in, out)`` weight the transposed matrix; its
+    factors equal those of the model with every ``Conv1D`` replaced by the
+    equivalent ``nn.Linear``), and peft's LoRA adapters through their
+    ``lora_A``/``lora_B`` ``nn.Linear`` modules (after ``get_peft_model``
+    the only trainable layers, so they are exactly the default layers); the
+    forward pass needs no change. Two passes over ``data``: the
     covariances (then float64 eigendecompositions), then ``Λ``. The vectors
     ``transform`` takes are laid out like ``param_shapes_`` (the covered
     parameters only): per-example gradients in that layout come from
@@ -462,12 +583,16 @@ class EKFACIFVP(BaseEstimator):
         whose ``Λ`` is all zero) with a zero entry of ``Λ`` raises
         ``ValueError`` naming the layer.
     layers : list of str, optional
-        Names of the modules to cover (``nn.Linear`` or ``nn.Conv2d`` with
-        ``groups=1``; any other raises ``ValueError`` naming it), covered
-        whether or not their parameters are trainable. ``None``: every
-        ``nn.Linear`` and ``nn.Conv2d`` with a trainable parameter; modules
-        with trainable parameters of other types are listed in
-        ``skipped_layers_``.
+        Names of the modules to cover (``nn.Linear``, ``Conv1D`` or
+        ``nn.Conv2d`` with ``groups=1``; any other raises ``ValueError``
+        naming it), covered whether or not their parameters are trainable.
+        ``None``: every such module with a trainable parameter, except those
+        with a tied weight (see Notes); the modules with trainable parameters
+        left out are listed in ``skipped_layers_`` with the reason in
+        ``skipped_reasons_``, and when the covered layers hold less than half
+        of the model's trainable parameters ``fit`` warns (``UserWarning``)
+        with the share and the largest modules left out. A list is taken as
+        the choice it is: no coverage warning.
     fisher : {"empirical", "true", "expected"}, default="empirical"
         ``"empirical"``: gradients at the data's targets. ``"true"``: at
         targets sampled from the model's predictive distribution (built-in
@@ -495,11 +620,15 @@ class EKFACIFVP(BaseEstimator):
     layers_ : list of str
         Names of the covered modules, in model order.
     skipped_layers_ : list of str
-        Modules with trainable parameters of an unsupported type (automatic
-        ``layers=None`` only; parameter-free modules are not listed).
+        Modules with trainable parameters of their own that are not covered:
+        an unsupported type or a tied weight (automatic ``layers=None`` only;
+        parameter-free and frozen modules are not listed).
+    skipped_reasons_ : OrderedDict
+        ``module -> reason`` for each of ``skipped_layers_``.
     param_shapes_ : OrderedDict
-        The weight and bias of each covered layer (full parameter names, in
-        model order): the layout of the vectors ``transform`` takes.
+        The weight and bias of each covered layer, named and ordered as
+        ``model.named_parameters()`` (a tied weight under its first name):
+        the layout of the vectors ``transform`` takes.
     n_features_in_ : int
         Total number of covered parameters.
     input_eigenvectors_ : OrderedDict
@@ -531,6 +660,36 @@ class EKFACIFVP(BaseEstimator):
     factors per batch, ``((S Q_S)^2)^T (A Q_A)^2``, never a per-example loop.
     With weight sharing the per-example gradients are formed in chunks
     (within ``memory_budget``), in the cheaper of the two orders.
+
+    **Conventions for real models.** A ``Conv1D`` weight is ``(in, out)``:
+    ``V``'s block for it is the transpose of the ``(d_out, d_in - 1)`` matrix
+    (the fitted state records each layer's layout as plain data). With
+    padded batches (inputs a dict holding an ``attention_mask`` of shape
+    ``(batch, L)``, as Hugging Face batches are), the token rows of padded
+    positions enter neither ``A`` nor the row counts of ``A`` and ``S``, in
+    every layer whose rows are one per token (``T = L``); pooled heads
+    (``T = 1``) are unaffected. ``Λ`` takes each example's gradient as it is
+    (a loss that ignores padded tokens gives them no gradient).
+
+    **Tied weights.** Parameters are named as ``model.named_parameters()``
+    names them, so a tied weight has its first name (GPT-2's
+    ``lm_head.weight`` is ``transformer.wte.weight``) and ``param_shapes_``
+    never names a parameter that ``per_example_gradients(params=...)``
+    cannot take. A layer's factors describe one use of a parameter, but the
+    gradient of a tied parameter sums every use, so with ``layers=None`` a
+    module holding a parameter that another module also holds is skipped
+    (listed in ``skipped_reasons_``; GPT-2's ``lm_head``). Named in
+    ``layers``, it is covered under the parameter's first name with a
+    ``UserWarning`` that its factors describe this use only; two named
+    modules holding the same parameter raise ``ValueError``.
+
+    **Eigendecompositions** (:func:`eigh_psd`) never surface a raw LAPACK
+    error: structurally zero rows and columns of a covariance (the input
+    columns of a convolution on 1 x 1 maps that only ever see padding) get
+    eigenvalue 0 and unit eigenvectors exactly and only the rest is
+    decomposed; where ``torch.linalg.eigh`` still fails, scipy's ``"evr"``
+    and ``"ev"`` drivers are tried, and otherwise ``fit`` raises
+    ``ValueError`` naming the layer and the factor.
 
     **Precision.** Products run in the model's dtype (float32 for half
     types), sums are folded into float64 every 16,384 rows, and the
@@ -655,6 +814,17 @@ class EKFACIFVP(BaseEstimator):
         self._set_layout(param_layout(layers))
         self.layers_ = [layer.name for layer in layers]
         self.skipped_layers_ = list(skipped)
+        self.skipped_reasons_ = OrderedDict(skipped)
+        if self.layers is None:
+            warn_coverage(
+                model, layers, self, "Their parameters get no curvature: vectors must leave "
+                "them out (per_example_gradients(params=list(ekfac.param_shapes_))).",
+            )  # fmt: skip
+        warn_tied(
+            layers, self, "transform applies them to any vector under that name, e.g. to "
+            "per_example_gradients(params=[...]), whose gradient of a tied parameter sums "
+            "every use.",
+        )  # fmt: skip
         device, dtype = model_device(model), model_dtype(model) or torch.float32
         stats = EKFACStatistics(
             [(layer.d_in, layer.d_out) for layer in layers],
@@ -694,11 +864,13 @@ class EKFACIFVP(BaseEstimator):
             max_batches=self.max_batches, describe_first_failure=False,
         )  # fmt: skip
         for tb in batches:
+            # Padded tokens (a batch's attention_mask) enter neither A nor the row counts.
+            rows = capture.row_masks(token_mask(tb.inputs))
             with torch.enable_grad():
                 if tb.weights is None:
                     # The sum of per-example losses: s is each example's own gradient.
                     pairs = capture.backward(loss_fn(tb.outputs, tb.targets).sum())
-                    yield [(a, s, None) for a, s in pairs]
+                    yield [(a, s, None, m) for (a, s), m in zip(pairs, rows)]
                     continue
                 K = tb.targets.shape[0]
                 per_target = [
@@ -708,7 +880,12 @@ class EKFACIFVP(BaseEstimator):
                     for k in range(K)
                 ]
             yield [
-                (per_target[0][j][0], torch.stack([p[j][1] for p in per_target]), tb.weights)
+                (
+                    per_target[0][j][0],
+                    torch.stack([p[j][1] for p in per_target]),
+                    tb.weights,
+                    rows[j],
+                )
                 for j in range(len(per_target[0]))
             ]
 
@@ -741,9 +918,17 @@ class EKFACIFVP(BaseEstimator):
         self.input_eigenvalues_ = keep(stats.eigvals_A)
         self.output_eigenvalues_ = keep(stats.eigvals_S)
         self.lambdas_ = keep(lambdas)
-        # Plain data only: no module reference is kept (pickles carry no model).
+        # Plain data only: no module reference is kept (pickles carry no model);
+        # the layout says how the weight holds the (d_out, d_in) matrix (Conv1D: W.T).
         self._blocks = [
-            (layer.weight_name, layer.bias_name, layer.weight_shape, layer.d_in, layer.d_out)
+            (
+                layer.weight_name,
+                layer.bias_name,
+                layer.weight_shape,
+                layer.d_in,
+                layer.d_out,
+                layer.layout,
+            )
             for layer in layers
         ]
 
@@ -793,31 +978,27 @@ class EKFACIFVP(BaseEstimator):
         V = V.to(work)
         m = V.shape[0]
         out = torch.empty_like(V)
-        start = 0
-        for k, (_, bias_name, wshape, d_in, d_out) in enumerate(self._blocks):
+        columns = offsets(self.param_shapes_)
+        for k, (weight_name, bias_name, _, d_in, d_out, *layout) in enumerate(self._blocks):
+            layout = layout[0] if layout else "out_in"  # state from before Conv1D
             name = self.layers_[k]
             QA = self.input_eigenvectors_[name].to(work)
             QS = self.output_eigenvectors_[name].to(work)
             scale = self._scale(k, inverse)
-            n_w = math.prod(wshape)
-            size = n_w + (d_out if bias_name is not None else 0)
+            w0, w1 = columns[weight_name]
+            b0, b1 = columns[bias_name] if bias_name is not None else (w1, w1)
+            d_w = d_in - (bias_name is not None)
             # Two (chunk, d_out, d_in) temporaries at a time.
             chunk = rows_within(self._config.memory_budget, 2 * itemsize(work) * d_out * d_in, m)
             for r in range(0, m, chunk):
-                block = V[r : r + chunk, start : start + size]
-                c = block.shape[0]
+                rows = slice(r, r + chunk)
+                c = V[rows].shape[0]
+                X = torch.empty(c, d_out, d_in, dtype=work, device=V.device)
+                X[:, :, :d_w] = matrix_view(V[rows, w0:w1], layout, d_out)
                 if bias_name is not None:
-                    X = torch.empty(c, d_out, d_in, dtype=work, device=V.device)
-                    X[:, :, :-1] = block[:, :n_w].reshape(c, d_out, d_in - 1)
-                    X[:, :, -1] = block[:, n_w:]
-                else:
-                    X = block.reshape(c, d_out, d_in)
+                    X[:, :, d_w] = V[rows, b0:b1]
                 Y = ekfac_apply(QS, QA, scale, X)
-                dest = out[r : r + chunk, start : start + size]
+                matrix_view(out[rows, w0:w1], layout, d_out).copy_(Y[:, :, :d_w])
                 if bias_name is not None:
-                    dest[:, :n_w].view(c, d_out, d_in - 1).copy_(Y[:, :, :-1])
-                    dest[:, n_w:].copy_(Y[:, :, -1])
-                else:
-                    dest.copy_(Y.reshape(c, size))
-            start += size
+                    out[rows, b0:b1].copy_(Y[:, :, d_w])
         return out

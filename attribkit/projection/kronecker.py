@@ -2,11 +2,13 @@
 
 The whole data flow:
 
-1. ``fit(model)`` resolves the covered layers (``nn.Linear`` and
-   ``nn.Conv2d``, exactly as EKFACIFVP does) and records the layout: each
-   layer's weight (and bias) in model order, and its gradient seen as a
-   ``(d_out, d_in)`` matrix ``W`` (the bias is the last input column; a conv
-   weight ``(out, in, kh, kw)`` is ``(out, in * kh * kw)``);
+1. ``fit(model)`` resolves the covered layers (``nn.Linear``, ``nn.Conv2d``
+   and Hugging Face's ``Conv1D``, exactly as EKFACIFVP does) and records the
+   layout: each layer's weight (and bias) in model order, and its gradient
+   seen as a ``(d_out, d_in)`` matrix ``W`` (the bias is the last input
+   column; a conv weight ``(out, in, kh, kw)`` is ``(out, in * kh * kw)``; a
+   ``Conv1D`` weight ``(in, out)`` is ``W`` transposed, its layout kept as
+   plain data by :func:`attribkit._compute.capture.matrix_view`);
 2. each layer ``l`` gets two JL matrices, ``P_in`` ``(d_in, k_in)`` and
    ``P_out`` ``(d_out, k_out)``, regenerated from the counter-based generator
    whenever needed (never pickled);
@@ -67,10 +69,14 @@ class KroneckerProjector(BaseEstimator):
     gradient: with :func:`~attribkit.per_example_gradients` ``(model, data,
     projector=kp)`` the per-example gradients are never formed at all.
 
-    Per covered layer (``nn.Linear`` and ``nn.Conv2d``, as in
-    :class:`~attribkit.EKFACIFVP`), the weight gradient with the bias as an
-    extra input column is a ``(d_out, d_in)`` matrix ``W`` (conv: ``d_in = in
-    * kh * kw + 1``, the im2col layout of ``torch.nn.functional.unfold``); its
+    Per covered layer (``nn.Linear``, ``nn.Conv2d`` and Hugging Face's
+    ``Conv1D``, as in :class:`~attribkit.EKFACIFVP`; peft's LoRA adapters
+    through their ``lora_A``/``lora_B`` ``nn.Linear`` modules), the weight
+    gradient with the bias as an extra input column is a ``(d_out, d_in)``
+    matrix ``W`` (conv: ``d_in = in * kh * kw + 1``, the im2col layout of
+    ``torch.nn.functional.unfold``; ``Conv1D``, whose weight is ``(in,
+    out)``: ``W`` is the transposed weight, so its projection equals that of
+    the equivalent ``nn.Linear``); its
     projection is ``P_out^T W P_in`` with ``P_in`` ``(d_in, k_in)`` and
     ``P_out`` ``(d_out, k_out)``, ``k_in = min(in_dim, d_in)``, ``k_out =
     min(out_dim, d_out)``. The ``(k_out, k_in)`` blocks are flattened
@@ -102,10 +108,15 @@ class KroneckerProjector(BaseEstimator):
     seed : int, default=0
         Seed of the generator.
     layers : list of str, optional
-        Names of the modules to cover; default all ``nn.Linear`` and
-        ``nn.Conv2d`` modules with trainable parameters (others with trainable
-        parameters are listed in ``skipped_layers_``). A named module of
-        another type raises ``ValueError``.
+        Names of the modules to cover; default all ``nn.Linear``,
+        ``Conv1D`` and ``nn.Conv2d`` modules with trainable parameters, except
+        those with a tied weight (see Notes); the others with trainable
+        parameters are listed in ``skipped_layers_`` with the reason in
+        ``skipped_reasons_``, and when the covered layers hold less than half
+        of the model's trainable parameters ``fit`` warns (``UserWarning``)
+        with the share and the largest modules left out. A named module of
+        another type raises ``ValueError``; a list is taken as the choice it
+        is (no coverage warning).
     config : ComputeConfig, optional
         Device and dtype of the matrices and outputs.
 
@@ -114,10 +125,14 @@ class KroneckerProjector(BaseEstimator):
     layers_ : list of str
         Names of the covered modules, in model order.
     skipped_layers_ : list of str
-        Modules with trainable parameters of an unsupported type.
+        Modules with trainable parameters of their own that are not covered
+        (an unsupported type or a tied weight; ``layers=None`` only).
+    skipped_reasons_ : OrderedDict
+        ``module -> reason`` for each of ``skipped_layers_``.
     param_shapes_ : OrderedDict
-        The covered weights and biases, in model order: the layout of the
-        vectors ``transform`` takes.
+        The covered weights and biases, named and ordered as
+        ``model.named_parameters()`` (a tied weight under its first name):
+        the layout of the vectors ``transform`` takes.
     n_features_in_ : int
         Length of those vectors.
     layer_dims_ : OrderedDict
@@ -127,6 +142,17 @@ class KroneckerProjector(BaseEstimator):
 
     Notes
     -----
+    **Tied weights.** A layer's projection ``(P_out^T s)(P_in^T a)^T`` on
+    the hook path is the gradient of one use of its weight, while
+    ``transform`` projects whatever vector it is given under the weight's
+    name, and the gradient of a tied parameter sums every use (GPT-2's
+    ``lm_head.weight`` is its ``transformer.wte.weight``, the name it has in
+    ``model.named_parameters()`` and in ``param_shapes_``). So with
+    ``layers=None`` a module holding a parameter another module also holds
+    is skipped (listed in ``skipped_reasons_``); named in ``layers``, it is
+    covered under the parameter's first name with a ``UserWarning`` that the
+    hook path then differs from ``transform`` of the full gradient.
+
     **Choosing in_dim and out_dim: what the structure costs in JL quality.**
     A dense JL projection of dimension ``k`` distorts squared norms by about
     ``sqrt(2 / k)``. The Kronecker projection of one layer has dimension
@@ -241,10 +267,25 @@ class KroneckerProjector(BaseEstimator):
             )
         self.layers_ = [layer.name for layer in covered]
         self.skipped_layers_ = list(skipped)
+        self.skipped_reasons_ = OrderedDict(skipped)
         self.layer_dims_ = dims
         self.proj_dim_ = int(sum(ko * ki for _, _, ko, ki in dims.values()))
-        self._layer_params = [(layer.weight_name, layer.bias_name) for layer in covered]
+        # Plain data: the layout says how each weight holds its (d_out, d_in) matrix.
+        self._layer_params = [
+            (layer.weight_name, layer.bias_name, layer.layout) for layer in covered
+        ]
         self._set_layout(capture.param_layout(covered))
+        if self.layers is None:
+            capture.warn_coverage(
+                model, covered, self, "Their gradients are not projected: the projection "
+                "describes the covered layers only.",
+            )  # fmt: skip
+        capture.warn_tied(
+            covered, self, "per_example_gradients(model, data, projector=kp) projects the "
+            "gradient of this use only, while transform projects whatever vector it is given "
+            "under that name (per_example_gradients(params=[...]) sums every use): the two "
+            "differ.",
+        )  # fmt: skip
 
     # ------------------------------------------------------------ matrices
     def _init_transient(self) -> None:
@@ -298,12 +339,14 @@ class KroneckerProjector(BaseEstimator):
         m = X.shape[0]
         columns = offsets(self.param_shapes_)
         blocks = []
-        for layer, (w_name, b_name) in zip(self.layers_, self._layer_params):
+        for layer, (w_name, b_name, *layout) in zip(self.layers_, self._layer_params):
             d_out, d_in, k_out, k_in = self.layer_dims_[layer]
             P_in, P_out = self.matrices(layer)
             w0, w1 = columns[w_name]
             d_w = d_in - (b_name is not None)
-            W = X[:, w0:w1].reshape(m, d_out, d_w)
+            # (m, d_out, d_w), a view (Conv1D: the transposed weight); state from
+            # before Conv1D has no layout entry.
+            W = capture.matrix_view(X[:, w0:w1], layout[0] if layout else "out_in", d_out)
             bias = None
             if b_name is not None:
                 b0, b1 = columns[b_name]

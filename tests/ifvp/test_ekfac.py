@@ -351,9 +351,12 @@ def test_layer_resolution_and_skipped():
     model = Mixed().double()
     tokens = torch.randint(0, 10, (8, 5))
     y = torch.randint(0, 2, (8,))
-    est = ak.EKFACIFVP(config=F64).fit(model, (tokens, y))
+    with pytest.warns(UserWarning, match=r"covers 31.5% .*'emb' \(Embedding, 40\)"):
+        est = ak.EKFACIFVP(config=F64).fit(model, (tokens, y))
     assert est.layers_ == ["fc", "out"]
     assert est.skipped_layers_ == ["emb", "norm", "grouped"]
+    assert list(est.skipped_reasons_) == est.skipped_layers_
+    assert est.skipped_reasons_["norm"].startswith("LayerNorm: not a supported type")
     assert list(est.param_shapes_) == ["fc.weight", "fc.bias", "out.weight", "out.bias"]
     only = ak.EKFACIFVP(layers=["out"], config=F64).fit(model, (tokens, y))
     assert only.layers_ == ["out"] and only.skipped_layers_ == []
@@ -364,8 +367,10 @@ def test_layer_resolution_and_skipped():
         ak.EKFACIFVP(layers=["fc", "nope"]).fit(model, (tokens, y))
     grouped = nn.Sequential(nn.Conv2d(2, 4, 3, groups=2), nn.Flatten(), nn.Linear(4, 2)).double()
     xg = torch.randn(3, 2, 3, 3, dtype=D64)
-    fitted = ak.EKFACIFVP(config=F64).fit(grouped, (xg, torch.tensor([0, 1, 0])))
+    with pytest.warns(UserWarning, match="covers 20.0%"):
+        fitted = ak.EKFACIFVP(config=F64).fit(grouped, (xg, torch.tensor([0, 1, 0])))
     assert fitted.layers_ == ["2"] and fitted.skipped_layers_ == ["0"]
+    assert "grouped convolution (groups=2)" in fitted.skipped_reasons_["0"]
     with pytest.raises(ValueError, match="grouped convolution"):
         ak.EKFACIFVP(layers=["0"]).fit(grouped, (xg, torch.tensor([0, 1, 0])))
 
