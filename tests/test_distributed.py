@@ -794,6 +794,7 @@ def test_inactive_reducer_is_a_no_op():
     red.sum_(t)
     red.broadcast_(t)
     red.agree("x", shape=(1, 2), fingerprint=(1.0,))
+    red.agree_fit("x", {"a": 1}, {"w": torch.ones(3, dtype=torch.float64)})
     assert torch.equal(t, torch.arange(4.0))
     assert red.gather_rows(t[:2]) is not None and red.gather_ints([3]) == [[3]]
     assert red.sum_int(5) == 5 and red.min_int(7) == 7
@@ -807,3 +808,35 @@ def test_inactive_reducer_is_a_no_op():
         with red.shard_pass("fit"):
             list(data_module.iter_batches((X[:0], y[:0]), ak.ComputeConfig()))
     assert not _distributed.reducer(ak.ComputeConfig(distributed=False)).active
+
+
+def test_fingerprints_see_every_value_and_its_place():
+    # What the agreement compares, to FINGERPRINT_RTOL of the L1 norm.
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3 * 4096 + 17, generator=g)  # whole rows of the table and a tail
+    y = torch.randn(6, 5, generator=g, dtype=torch.float64)
+    base = _distributed.fingerprints([x, y])
+    assert torch.equal(base, _distributed.fingerprints([x.clone(), y.clone()]))
+    # The documented definition, summed directly.
+    for t, v in enumerate((x, y)):
+        v = v.double().reshape(-1)
+        a = (
+            torch.arange(v.numel(), dtype=torch.float64) * _distributed._PHI
+            + t * _distributed._PSI
+        )
+        want = torch.stack([v.abs().sum(), (v * a.cos()).sum(), (v * a.sin()).sum()])
+        assert_close(base[t], want, rtol=1e-12)
+
+    def differs(other):
+        scale = float(base[:, 0].sum())
+        gap = (other.sum(0) - base.sum(0)).abs().max()
+        return bool(gap > _distributed.FINGERPRINT_RTOL * scale)
+
+    nudged = x.clone()
+    nudged[5000] += 1e-7 * float(base[:, 0].sum())  # one value, 1e-7 of the L1 mass
+    assert differs(_distributed.fingerprints([nudged, y]))
+    assert differs(_distributed.fingerprints([x.flip(0), y]))  # same values, other places
+    z = torch.randn(6, 5, generator=g, dtype=torch.float64)
+    assert differs(_distributed.fingerprints([x, z])) and not differs(base)
+    swapped = _distributed.fingerprints([y, x])  # two tensors trade places
+    assert differs(swapped)
