@@ -7,7 +7,9 @@ back in the container the user passed. Subclasses implement only
 
 * ``_check_params(self)`` - validate hyper-parameters (raise ``ValueError``);
 * ``_fit_model(self, model, data, config)`` - fit from a ``torch.nn.Module``
-  and data; must call ``self._set_layout(shapes)``;
+  and data; must call ``self._set_layout(shapes)`` before it communicates
+  (under ``torch.distributed``, that is where the ranks first agree on what
+  they fit, when the class sets ``_agree_on_fit = True``);
 * ``_fit_array(self, G, config)`` - fit from a flat ``(n, p)`` tensor (the
   layout is already set);
 * ``_transform(self, V)`` - flat ``(m, p)`` in, flat result out.
@@ -15,6 +17,7 @@ back in the container the user passed. Subclasses implement only
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -31,7 +34,7 @@ from sklearn.utils.validation import (
 from torch.utils._pytree import tree_map
 
 from ._compute import validation as V
-from ._compute.distributed import reducer
+from ._compute.distributed import fingerprints, reducer
 from ._compute.gradients import iter_gradients, layout_params
 from ._compute.guard import use_model
 from ._compute.model import autograd_on
@@ -118,6 +121,9 @@ class BaseEstimator(sklearn.base.TransformerMixin, sklearn.base.BaseEstimator):
     _is_ifvp = False
     #: attributes that are caches: dropped when pickling and when moving devices.
     _transient = ()
+    #: a model-mode fit communicates under torch.distributed: the ranks must
+    #: first agree on what they fit (API section 9; see ``_agreement``).
+    _agree_on_fit = False
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -158,7 +164,11 @@ class BaseEstimator(sklearn.base.TransformerMixin, sklearn.base.BaseEstimator):
             # The whole fit holds the model: a second thread raises at once
             # instead of hooking it, or switching its modes, in between passes.
             # autograd_on: the passes differentiate even inside torch.inference_mode().
-            with use_model(model, f"{type(self).__name__}.fit"), autograd_on():
+            with (
+                use_model(model, f"{type(self).__name__}.fit"),
+                autograd_on(),
+                fitted._agreement(model, config),
+            ):
                 fitted._fit_model(model, data, config)
             if not hasattr(fitted, "param_shapes_"):  # pragma: no cover - subclass bug
                 raise RuntimeError(f"{type(self).__name__}._fit_model did not set the layout.")
@@ -199,6 +209,66 @@ class BaseEstimator(sklearn.base.TransformerMixin, sklearn.base.BaseEstimator):
     def _set_layout(self, shapes) -> None:
         self.param_shapes_ = OrderedDict((k, tuple(int(d) for d in s)) for k, s in shapes.items())
         self.n_features_in_ = layout_size(self.param_shapes_)
+        pending = self.__dict__.pop("_pending_agreement", None)
+        if pending is not None:
+            self._agree(*pending)
+
+    # ------------------------------------------------------------ distributed agreement
+    @contextlib.contextmanager
+    def _agreement(self, model: torch.nn.Module, config: ComputeConfig):
+        """Around ``_fit_model``: the ranks of a distributed fit agree on what they fit.
+
+        For classes with ``_agree_on_fit`` whose fit is distributed (an active
+        reducer), the agreement is armed here and runs in ``_set_layout``, as
+        soon as the layout is known and before the estimator's first
+        collective: one all-gather of 64 bytes
+        (:meth:`~attribkit._compute.distributed.Reducer.agree_fit`). A rank that
+        fails before it gets there (a parameter its model lacks, say) still
+        takes part, flagged, so the others raise a ``ValueError`` quoting its
+        error instead of waiting in a collective it never joins.
+        """
+        owner = f"{type(self).__name__}.fit"
+        red = reducer(config, owner, device=self._device) if self._agree_on_fit else None
+        if red is None or not red.active:
+            yield
+            return
+        self.__dict__["_pending_agreement"] = (red, model, owner, config)
+        try:
+            yield
+        except Exception as exc:
+            if self.__dict__.pop("_pending_agreement", None) is not None:
+                red.agree_fit(owner, error=exc)  # tells the others; this rank's error follows
+            raise
+        finally:
+            self.__dict__.pop("_pending_agreement", None)
+
+    def _agree(self, red, model: torch.nn.Module, owner: str, config: ComputeConfig) -> None:
+        """Describe this rank's fit and check it against the others' (see ``_agreement``).
+
+        Compared exactly: the class, ``get_params()`` (``config`` by its
+        ``dtype`` only: device index, progress, memory budget and batch size
+        may differ per rank without changing the fit), ``param_shapes_`` and
+        the names, shapes and dtypes of the model's parameters and buffers;
+        to :data:`~attribkit._compute.distributed.FINGERPRINT_RTOL`: a float64
+        fingerprint of all their values (every value can change the curvature
+        of the covered ones).
+        """
+        try:
+            cls = type(self)
+            fields = {"estimator": f"{cls.__module__}.{cls.__qualname__}"}
+            params = self.get_params(deep=False)
+            params.pop("config", None)
+            fields.update((f"params.{k}", v) for k, v in params.items())
+            fields["config.dtype"] = str(config.torch_dtype).removeprefix("torch.")
+            fields["param_shapes_"] = {k: list(s) for k, s in self.param_shapes_.items()}
+            tensors = dict(model.named_parameters())
+            tensors.update((f"{k} (buffer)", b) for k, b in model.named_buffers())
+            fields["model"] = {k: [list(t.shape), str(t.dtype)] for k, t in tensors.items()}
+            prints = dict(zip(tensors, fingerprints(tensors.values())))
+        except Exception as exc:
+            red.agree_fit(owner, error=exc)
+            raise
+        red.agree_fit(owner, fields, prints)
 
     # ------------------------------------------------------------ hooks
     def _check_params(self) -> None:

@@ -18,19 +18,28 @@ The data flow of :func:`per_example_gradients`:
 4. the rows are written batch by batch into ``out`` (checked before any
    work; a memmap is flushed) or collected into one tensor, in
    ``config.dtype`` on ``config.device``.
+
+Interrupted fills (API section 9): with ``out``, any exception carries
+``rows_written`` (rows ``[0, rows_written)`` of ``out`` are final, a memmap
+flushed); ``start=k`` skips the first ``k`` examples of ``data`` without
+running the model on them (:func:`attribkit._compute.data.skip_examples`)
+and fills rows ``k..n-1``; ``checkpoint`` records the progress after every
+batch, in a JSON file replaced atomically or through a callable.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import math
+import os
 from collections import OrderedDict
 
 import numpy as np
 import torch
 
 from ._compute import validation as V
-from ._compute.data import known_length
+from ._compute.data import known_length, skip_examples
 from ._compute.distributed import reducer
 from ._compute.gradients import iter_gradients, layout_params
 from ._compute.guard import use_model
@@ -49,15 +58,32 @@ _NUMPY_DTYPES = {
 }
 
 
-class _Rows:
-    """The ``(n, k)`` result: filled batch by batch into ``out``, or collected."""
+#: The ``format`` field of a checkpoint file (see ``per_example_gradients``).
+_CHECKPOINT_FORMAT = "attribkit.per_example_gradients.checkpoint/1"
 
-    def __init__(self, out, n: int | None, k: int, config: ComputeConfig):
-        self.out, self.n, self.k, self.filled = out, n, k, 0
+
+class _Rows:
+    """The ``(n, k)`` result: filled batch by batch into ``out``, or collected.
+
+    With ``out``, ``filled`` is the number of leading rows of ``out`` that are
+    final (``start`` before the first batch); ``checkpoint`` (a path or a
+    callable) is told after every batch.
+    """
+
+    def __init__(
+        self, out, n: int | None, k: int, config: ComputeConfig, start: int = 0, checkpoint=None
+    ):
+        self.out, self.n, self.k, self.filled = out, n, k, int(start)
         self.dtype, self.device = config.torch_dtype, config.torch_device
         self.chunks: list[torch.Tensor] = []
+        self.checkpoint = checkpoint
         if out is not None:
             self._check()
+            if self.filled > out.shape[0]:
+                raise ValueError(
+                    "The 'start' argument of per_example_gradients must be at most the number "
+                    f"of rows of 'out', {out.shape[0]}. Got {self.filled} instead."
+                )
 
     def _check(self) -> None:
         out, name = self.out, "The 'out' argument of per_example_gradients"
@@ -110,6 +136,9 @@ class _Rows:
             else:
                 self.out[self.filled : stop].copy_(rows)
         self.filled += b
+        if self.checkpoint is not None:
+            self._flush()  # the record never claims rows that are not on disk yet
+            self._record(complete=False)
 
     def result(self):
         if self.out is None:
@@ -119,9 +148,80 @@ class _Rows:
                 f"The 'out' argument of per_example_gradients has {self.out.shape[0]} rows "
                 f"but 'data' yielded {self.filled} examples (rows {self.filled}: are unset)."
             )
+        self._flush()
+        if self.checkpoint is not None:
+            self._record(complete=True)
+        return self.out
+
+    def _flush(self) -> None:
         if isinstance(self.out, np.memmap):
             self.out.flush()
-        return self.out
+
+    def _record(self, complete: bool) -> None:
+        """Tell ``checkpoint`` that rows ``[0, filled)`` of ``out`` are final."""
+        if callable(self.checkpoint):
+            self.checkpoint(self.filled)
+            return
+        record = {
+            "format": _CHECKPOINT_FORMAT,
+            "rows_written": self.filled,
+            "shape": [int(d) for d in self.out.shape],
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "complete": complete,
+        }
+        _write_atomically(self.checkpoint, json.dumps(record, indent=1) + "\n")
+
+    def interrupted(self, exc: BaseException) -> None:
+        """Mark an exception raised during the fill with ``rows_written`` (and a note)."""
+        try:
+            self._flush()
+        except Exception:  # pragma: no cover - never hide the original error
+            pass
+        try:
+            exc.rows_written = self.filled
+        except (AttributeError, TypeError):  # pragma: no cover - exceptions with __slots__
+            return
+        note = getattr(exc, "add_note", None)
+        if note is not None:
+            note(
+                f"per_example_gradients: rows [0, {self.filled}) of 'out' are final "
+                f"(exc.rows_written); resume with start={self.filled}."
+            )
+
+
+def _write_atomically(path, text: str) -> None:
+    """Replace the file ``path`` by ``text`` so that it is always one complete version.
+
+    The text goes to a temporary file in the same folder, which is flushed
+    to disk (``fsync``) and renamed over ``path`` (``os.replace``, atomic on
+    POSIX and Windows); then the folder is synced (where the OS allows), so
+    the rename itself survives a power loss. A reader, or a process killed
+    at any instant (``kill -9``), sees the old content or the new, never a
+    mix or an empty file.
+    """
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # pragma: no cover - folders cannot be opened on Windows
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover - some file systems refuse
+        pass
+    finally:
+        os.close(fd)
 
 
 def per_example_gradients(
@@ -133,6 +233,8 @@ def per_example_gradients(
     flatten: bool = True,
     projector=None,
     out=None,
+    start: int = 0,
+    checkpoint=None,
 ):
     """Per-example gradients of the loss with respect to the model's parameters.
 
@@ -189,7 +291,28 @@ def per_example_gradients(
         sized sampler) ``n`` are checked before any work. For data of unknown
         length, a batch that would overflow ``out`` raises at once and too few
         examples raise at the end (the rows written stay written). A memmap
-        is flushed before it is returned.
+        is flushed before it is returned. Any exception raised while ``out``
+        is filled carries ``rows_written``: rows ``[0, rows_written)`` of
+        ``out`` are final (a memmap is flushed first).
+    start : int, default=0
+        Resume a fill (needs ``out``): differentiate only examples
+        ``start..n-1`` of ``data`` and write rows ``start..n-1`` of ``out``;
+        rows ``[0, start)`` are left as they are. The first ``start``
+        examples are skipped without running the model on them: sliced
+        from a tuple or a Dataset, left out of a DataLoader's sampler (never
+        loaded), or dropped batch by batch from other iterables (loaded, not
+        computed). ``data`` must give the examples in the order of the
+        interrupted fill: a DataLoader that shuffles raises ``ValueError``.
+        The rows equal those of an uninterrupted fill (to rounding: batches
+        may be split differently).
+    checkpoint : str, os.PathLike or callable, optional
+        Record the progress of the fill (needs ``out``), after every batch
+        once its rows are in ``out`` (a memmap flushed to disk first): a
+        path names a JSON file, replaced atomically each time, holding
+        ``{"rows_written": ..., "shape": [n, k], "dtype": ..., "complete":
+        ..., "format": ...}``; a callable is called with the number of final
+        rows. The file survives ``kill -9`` and a power loss with a value
+        that is never ahead of ``out`` (see Notes).
 
     Returns
     -------
@@ -217,6 +340,32 @@ def per_example_gradients(
     ``torch.no_grad()`` (the pass turns gradients back on; inference tensors
     in the data are cloned); a model whose parameters were themselves made
     under ``inference_mode`` raises ``ValueError`` saying how to copy it.
+
+    **Interrupted fills.** A long fill into a memmap can resume where it
+    stopped. Within the process, catch the exception and pass
+    ``start=exc.rows_written``. Across a crash or ``kill -9``, where no
+    exception is raised, let the library record the progress in a sidecar
+    file, and read it when you start again::
+
+        import json, os
+        import numpy as np
+        path, ckpt = "grads.npy", "grads.npy.progress.json"
+        if os.path.exists(ckpt):                       # resume
+            out = np.load(path, mmap_mode="r+")
+            start = json.load(open(ckpt))["rows_written"]
+        else:                                          # first run
+            out = np.lib.format.open_memmap(path, mode="w+", dtype="float32", shape=(n, k))
+            start = 0
+        ak.per_example_gradients(model, data, projector=proj, out=out,
+                                 start=start, checkpoint=ckpt)
+
+    Why the record survives: after each batch, the memmap is flushed
+    (``msync``) before the record is written, so the record never counts a
+    row that is not on disk; the record is written to a temporary file,
+    ``fsync``-ed and renamed over the old one (``os.replace``, atomic), so a
+    process killed at any instant leaves either the previous record or the
+    new one, never a partial file. Rows after ``rows_written`` may hold
+    part of the next batch; ``start=`` rewrites them.
 
     **Threads.** The model is held for the calling thread while this runs: a
     call from another thread on the same model (or on one sharing a
@@ -270,6 +419,7 @@ def per_example_gradients(
     if config is None and projector is not None:
         config = getattr(projector, "_config", None)
     config = V.check_config("per_example_gradients", config)
+    start = _check_resume(start, out, checkpoint)
     if not isinstance(model, torch.nn.Module):
         raise TypeError(
             "The 'model' argument of per_example_gradients must be a torch.nn.Module. "
@@ -279,15 +429,68 @@ def per_example_gradients(
     # swaps its parameters for detached copies while it runs.
     # autograd_on: differentiate even when called inside torch.inference_mode().
     with use_model(model, "per_example_gradients"), autograd_on():
-        return _per_example_gradients(model, data, loss, params, config, flatten, projector, out)
+        if out is None:
+            return _per_example_gradients(model, data, loss, params, config, flatten, projector)
+        try:
+            return _fill(
+                model, data, loss, params, config, flatten, projector, out, start, checkpoint
+            )
+        except BaseException as exc:
+            if not hasattr(exc, "rows_written"):  # failed before the first row: none new
+                with contextlib.suppress(AttributeError, TypeError):
+                    exc.rows_written = start
+            raise
 
 
-def _per_example_gradients(model, data, loss, params, config, flatten, projector, out):
+def _check_resume(start, out, checkpoint) -> int:
+    """Validate ``start`` and ``checkpoint``; both need ``out``."""
+    start = V.check_int("per_example_gradients", "start", start, minimum=0)
+    if out is None and (start or checkpoint is not None):
+        given = f"start={start}" if start else f"checkpoint={checkpoint!r}"
+        raise ValueError(
+            f"The 'start' and 'checkpoint' arguments of per_example_gradients need 'out' (the "
+            f"(n, k) array that a fill writes row by row). Got {given} without 'out'."
+        )
+    if checkpoint is not None and not (
+        callable(checkpoint) or isinstance(checkpoint, (str, os.PathLike))
+    ):
+        raise TypeError(
+            "The 'checkpoint' argument of per_example_gradients must be a path (str or "
+            f"os.PathLike) or a callable taking the rows written. Got {type(checkpoint).__name__}."
+        )
+    return start
+
+
+def _fill(model, data, loss, params, config, flatten, projector, out, start, checkpoint):
+    """Write the rows ``start..n-1`` into ``out``; an exception gets ``rows_written``."""
+    n = known_length(data)
+    empty = n == 0 or (isinstance(data, (list, tuple)) and len(data) == 0)
+    if empty and reducer(config, "per_example_gradients").active:  # an empty shard: 0 rows
+        return _no_rows(model, data, loss, params, config, flatten, projector, out, start)
+    _require_flat(flatten)
+    rest = skip_examples(data, start)
+    batches, k = _row_source(model, rest, loss, params, config, projector)
+    rows = _Rows(out, n, k, config, start, checkpoint)
+    # Closed on any error here: a suspended generator kept alive by the
+    # traceback would hold the model (hooked, in eval mode) until then.
+    closing = contextlib.closing if hasattr(batches, "close") else contextlib.nullcontext
+    try:
+        with closing(batches):
+            if rows.filled < out.shape[0]:  # start == n: nothing left to compute
+                for projected in batches:
+                    rows.add(projected)
+        return rows.result()
+    except BaseException as exc:
+        rows.interrupted(exc)
+        raise
+
+
+def _per_example_gradients(model, data, loss, params, config, flatten, projector):
     device, dtype = config.torch_device, config.torch_dtype
     empty = known_length(data) == 0 or (isinstance(data, (list, tuple)) and len(data) == 0)
     if empty and reducer(config, "per_example_gradients").active:  # an empty shard: 0 rows
-        return _no_rows(model, data, loss, params, config, flatten, projector, out)
-    if projector is None and out is None:
+        return _no_rows(model, data, loss, params, config, flatten, projector, None)
+    if projector is None:
         n, gathered = known_length(data), None
         batches = iter_gradients(model, data, loss=loss, params=params, config=config)
         with contextlib.closing(batches):
@@ -305,7 +508,7 @@ def _per_example_gradients(model, data, loss, params, config, flatten, projector
         return OrderedDict((k, v.result()) for k, v in gathered.items())
     _require_flat(flatten)
     batches, k = _row_source(model, data, loss, params, config, projector)
-    rows = _Rows(out, known_length(data), k, config)
+    rows = _Rows(None, known_length(data), k, config)
     # Closed on any error here: a suspended generator kept alive by the
     # traceback would hold the model (hooked, in eval mode) until then.
     closing = contextlib.closing if hasattr(batches, "close") else contextlib.nullcontext
@@ -401,7 +604,7 @@ def _require_flat(flatten: bool) -> None:
         )
 
 
-def _no_rows(model, data, loss, params, config, flatten, projector, out):
+def _no_rows(model, data, loss, params, config, flatten, projector, out, start=0):
     """The result for a rank whose shard is empty (``per_example_gradients``)."""
     device, dtype = config.torch_device, config.torch_dtype
     if projector is None and out is None:
@@ -414,5 +617,5 @@ def _no_rows(model, data, loss, params, config, flatten, projector, out):
         return result
     _require_flat(flatten)
     _, k = _row_source(model, data, loss, params, config, projector)  # never iterated
-    rows = _Rows(out, 0, k, config)
+    rows = _Rows(out, 0, k, config, start)
     return rows.out if out is not None else torch.zeros(0, k, device=device, dtype=dtype)

@@ -455,6 +455,66 @@ def _reducer_primitives(rank: int, world: int, arg) -> dict:
     return out
 
 
+class _NoAgreement(ak.ExplicitIFVP):
+    """ExplicitIFVP without the agreement, to count what the agreement costs."""
+
+    _agree_on_fit = False
+
+
+def _agreement(rank: int, world: int, arg) -> dict:
+    """Ranks that fit different things: every rank must raise, naming the difference."""
+    cfg = ak.ComputeConfig(**F64)
+    X, y = _problem()
+    data = (X[:6], y[:6]) if rank == 0 else (X[6:], y[6:])
+    same = mlp(d=4, hidden=5, out=3, seed=1)
+    models = {
+        "arch": mlp(d=4, hidden=5 + rank, out=3, seed=1),  # a wider hidden layer on rank 1
+        "weights": mlp(d=4, hidden=5, out=3, seed=1 + rank),  # same shapes, other weights
+    }
+    makers = {
+        "explicit": lambda: ak.ExplicitIFVP(damping=0.1, config=cfg),
+        "datainf": lambda: ak.DataInfIFVP(config=cfg),
+        "ekfac": lambda: ak.EKFACIFVP(config=cfg),
+        "arnoldi": lambda: ak.ArnoldiProjector(proj_dim=2, damping=0.1, config=cfg),
+    }
+    out = {}
+    for case, model in models.items():
+        for name, make in makers.items():
+            out[f"{case}/{name}"] = _outcome(lambda m=make, x=model: m().fit(x, data))
+    # One hyper-parameter (or the config's dtype) differs on rank 1.
+    other = {
+        "fisher": lambda: ak.ExplicitIFVP(
+            damping=0.1, fisher=("empirical", "true")[rank], config=cfg
+        ),
+        "damping-datainf": lambda: ak.DataInfIFVP(damping=0.1 * (rank + 1), config=cfg),
+        "damping-ekfac": lambda: ak.EKFACIFVP(damping=0.1 * (rank + 1), config=cfg),
+        "dtype": lambda: ak.ArnoldiProjector(
+            proj_dim=2, config=ak.ComputeConfig(**{**F64, "dtype": ("float64", "float32")[rank]})
+        ),
+    }
+    for case, make in other.items():
+        out[case] = _outcome(lambda m=make: m().fit(same, data))
+    # Rank 1 fails before it can describe its fit (its model has no such parameter).
+    names = ["0.weight"] if rank == 0 else ["no.such"]
+    out["failed"] = _outcome(
+        lambda: ak.ExplicitIFVP(damping=0.1, params=names, config=cfg).fit(same, data)
+    )
+    # The group is still in step; equal fits agree (bitwise-equal weights on every rank).
+    calls = []
+    for cls in (ak.ExplicitIFVP, _NoAgreement):
+        before = _distributed.traffic()
+        est = cls(damping=0.1, config=cfg).fit(same, data)
+        calls.append(_distributed.traffic()["collectives"] - before["collectives"])
+        out[f"equal/{cls.__name__}"] = est.transform(_probe(est.n_features_in_))
+    out["equal-extra-collectives"] = calls[0] - calls[1]
+    red = _distributed.reducer(cfg, "test")
+    before = _distributed.traffic()
+    red.agree_fit("test", {"a": 1}, {"w": torch.ones(3, dtype=torch.float64)})
+    after = _distributed.traffic()
+    out["cost"] = (after["collectives"] - before["collectives"], after["bytes"] - before["bytes"])
+    return out
+
+
 def _sleep_forever(rank, plan, out_dir):
     time.sleep(3600)
 
@@ -464,6 +524,7 @@ CASES = {
     "failures": _failures,
     "hang": _hang,
     "reducer": _reducer_primitives,
+    "agreement": _agreement,
 }
 HANG_TIMEOUT = 6
 SIZES = {"two": [7, 4], "three": [6, 0, 5]}
@@ -514,6 +575,8 @@ def session(tmp_path_factory):
         ("two", 2, PG_TIMEOUT, "everything", (SIZES["two"], str(out))),
         ("failures", 2, PG_TIMEOUT, "failures", None),
         ("hang", 2, HANG_TIMEOUT, "hang", HANG_TIMEOUT),
+        # Last: on code without the agreement a rank of this phase aborts (SIGABRT).
+        ("agreement", 2, PG_TIMEOUT, "agreement", None),
     ]
     return run_phases(phases, out)
 
@@ -612,6 +675,75 @@ def test_a_missing_rank_times_out_instead_of_hanging(session):
     assert rank0["seconds"] < HANG_TIMEOUT + 20
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["explicit", "datainf", "ekfac", "arnoldi"])
+def test_ranks_with_different_architectures_all_raise(session, name):
+    # API section 9: before (not instead of) a collective of mismatched sizes,
+    # which aborted EK-FAC's rank (gloo) and hung ExplicitIFVP until the timeout.
+    ranks = ok(session["agreement"])
+    for r in range(2):
+        kind, message = ranks[r][f"arch/{name}"]
+        assert kind == "ValueError", (r, kind, message)
+        assert f"this is rank {r}" in message
+        assert "covered parameters (param_shapes_" in message, message
+        assert "'0.weight' is [5, 4] on rank 0, [6, 4] on rank 1" in message, message
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["explicit", "datainf", "ekfac", "arnoldi"])
+def test_ranks_with_different_weights_all_raise(session, name):
+    # Same shapes, other values: the fit would silently mix statistics.
+    ranks = ok(session["agreement"])
+    for r in range(2):
+        kind, message = ranks[r][f"weights/{name}"]
+        assert kind == "ValueError", (r, kind, message)
+        assert "values of the model's parameters and buffers" in message, message
+        assert "rank 1's differ from rank 0's in '0.weight', '0.bias', '2.weight'" in message
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "case, field, values",
+    [
+        ("fisher", "the estimator parameter 'fisher'", ('"empirical"', '"true"')),
+        ("damping-datainf", "the estimator parameter 'damping'", ("0.1", "0.2")),
+        ("damping-ekfac", "the estimator parameter 'damping'", ("0.1", "0.2")),
+        ("dtype", "the config field 'dtype'", ('"float64"', '"float32"')),
+    ],
+)
+def test_ranks_with_different_settings_all_raise(session, case, field, values):
+    ranks = ok(session["agreement"])
+    for r in range(2):
+        kind, message = ranks[r][case]
+        assert kind == "ValueError", (r, kind, message)
+        assert f"{field}: rank 0 has {values[0]}, rank 1 has {values[1]}" in message, message
+
+
+@pytest.mark.slow
+def test_a_rank_failing_before_the_agreement_fails_every_rank(session):
+    rank0, rank1 = ok(session["agreement"])
+    kind, message = rank1["failed"]  # its own error, as raised
+    assert kind == "ValueError" and "no.such" in message, (kind, message)
+    kind, message = rank0["failed"]  # no hang: told why
+    assert kind == "ValueError", (kind, message)
+    assert "rank(s) [1] failed before the ranks could compare" in message
+    assert "rank 1: ValueError" in message and "no.such" in message
+
+
+@pytest.mark.slow
+def test_equal_ranks_agree_in_one_small_collective(session):
+    ranks = ok(session["agreement"])
+    X, y = _problem()
+    cfg = ak.ComputeConfig(**F64, distributed=False)
+    ref = ak.ExplicitIFVP(damping=0.1, config=cfg).fit(mlp(d=4, hidden=5, out=3, seed=1), (X, y))
+    want = ref.transform(_probe(ref.n_features_in_))
+    for got in ranks:
+        assert_close(got["equal/ExplicitIFVP"], want, rtol=1e-10)
+        assert torch.equal(got["equal/ExplicitIFVP"], got["equal/_NoAgreement"])
+        assert got["cost"] == (1, 64)  # one all-gather of 64 bytes per rank
+        assert got["equal-extra-collectives"] == 1
+
+
 def test_a_hung_run_is_killed_and_fails(tmp_path):
     start = time.monotonic()
     with pytest.raises(pytest.fail.Exception, match="did not finish within 1 s"):
@@ -662,6 +794,7 @@ def test_inactive_reducer_is_a_no_op():
     red.sum_(t)
     red.broadcast_(t)
     red.agree("x", shape=(1, 2), fingerprint=(1.0,))
+    red.agree_fit("x", {"a": 1}, {"w": torch.ones(3, dtype=torch.float64)})
     assert torch.equal(t, torch.arange(4.0))
     assert red.gather_rows(t[:2]) is not None and red.gather_ints([3]) == [[3]]
     assert red.sum_int(5) == 5 and red.min_int(7) == 7
@@ -675,3 +808,35 @@ def test_inactive_reducer_is_a_no_op():
         with red.shard_pass("fit"):
             list(data_module.iter_batches((X[:0], y[:0]), ak.ComputeConfig()))
     assert not _distributed.reducer(ak.ComputeConfig(distributed=False)).active
+
+
+def test_fingerprints_see_every_value_and_its_place():
+    # What the agreement compares, to FINGERPRINT_RTOL of the L1 norm.
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3 * 4096 + 17, generator=g)  # whole rows of the table and a tail
+    y = torch.randn(6, 5, generator=g, dtype=torch.float64)
+    base = _distributed.fingerprints([x, y])
+    assert torch.equal(base, _distributed.fingerprints([x.clone(), y.clone()]))
+    # The documented definition, summed directly.
+    for t, v in enumerate((x, y)):
+        v = v.double().reshape(-1)
+        a = (
+            torch.arange(v.numel(), dtype=torch.float64) * _distributed._PHI
+            + t * _distributed._PSI
+        )
+        want = torch.stack([v.abs().sum(), (v * a.cos()).sum(), (v * a.sin()).sum()])
+        assert_close(base[t], want, rtol=1e-12)
+
+    def differs(other):
+        scale = float(base[:, 0].sum())
+        gap = (other.sum(0) - base.sum(0)).abs().max()
+        return bool(gap > _distributed.FINGERPRINT_RTOL * scale)
+
+    nudged = x.clone()
+    nudged[5000] += 1e-7 * float(base[:, 0].sum())  # one value, 1e-7 of the L1 mass
+    assert differs(_distributed.fingerprints([nudged, y]))
+    assert differs(_distributed.fingerprints([x.flip(0), y]))  # same values, other places
+    z = torch.randn(6, 5, generator=g, dtype=torch.float64)
+    assert differs(_distributed.fingerprints([x, z])) and not differs(base)
+    swapped = _distributed.fingerprints([y, x])  # two tensors trade places
+    assert differs(swapped)

@@ -3,6 +3,11 @@ and influence scored in blocks from memmaps."""
 
 from __future__ import annotations
 
+import json
+import os
+import signal
+import subprocess
+import sys
 import tracemalloc
 
 import numpy as np
@@ -291,3 +296,208 @@ def test_end_to_end_store_then_score(tmp_path):
     assert_close(scores, expected, rtol=1e-10)
     _, top_i, _, _ = ak.influence(ifvp, train, test, top_k=3)
     np.testing.assert_array_equal(top_i, np.argsort(-expected, axis=1)[:, :3])
+
+
+# ----------------------------------------------------------------------------- interrupted fills
+class _Recording(TensorDataset):
+    """A TensorDataset that records which examples were loaded."""
+
+    def __init__(self, *tensors):
+        super().__init__(*tensors)
+        self.loaded = []
+
+    def __getitem__(self, i):
+        self.loaded.append(int(i))
+        return super().__getitem__(i)
+
+
+def _rows_seen(model):
+    """The model, and a list of the batch sizes its forward calls got (hooked calls only)."""
+    seen = []
+    model.register_forward_pre_hook(lambda m, a: seen.append(a[0].shape[0]))
+    return model, seen
+
+
+def _failing(batches, at):
+    """Yield ``batches`` and raise at batch index ``at`` (a data pipeline that breaks)."""
+    for i, batch in enumerate(batches):
+        if i == at:
+            raise OSError(f"the data pipeline broke at batch {at}")
+        yield batch
+
+
+@pytest.mark.parametrize("kind", ["none", "kronecker"])
+def test_an_error_mid_fill_carries_rows_written(kind, tmp_path):
+    model = mlp()
+    projector = projectors(model)[kind]
+    expected = reference(model, projector).numpy()
+    X, y = data()
+    path = tmp_path / "g.npy"
+    out = np.lib.format.open_memmap(path, mode="w+", dtype="float64", shape=expected.shape)
+    batches = [(X[i : i + 3], y[i : i + 3]) for i in range(0, N, 3)]  # 3, 3, 3, 3, 1
+    with pytest.raises(OSError, match="broke at batch 3") as info:
+        ak.per_example_gradients(
+            model, _failing(batches, 3), projector=projector, config=F64, out=out
+        )
+    assert info.value.rows_written == 9  # batches 0, 1 and 2
+    assert "resume with start=9" in "\n".join(getattr(info.value, "__notes__", []))
+    on_disk = np.array(np.load(path, mmap_mode="r"))  # flushed: another reader sees the rows
+    assert_close(on_disk[:9], expected[:9], rtol=1e-10)
+    # Resume over the whole data: the first 9 examples are skipped, not recomputed.
+    got = ak.per_example_gradients(
+        model, batches, projector=projector, config=F64, out=out, start=9
+    )
+    assert got is out
+    assert_close(np.load(path), expected, rtol=1e-10)
+
+
+def test_errors_before_the_first_row_and_interrupts_carry_rows_written():
+    model = mlp()
+    X, y = data()
+    rp = ak.RandomProjector(6, config=F64).fit(model)
+    out = np.zeros((N, 6))
+    shuffled = DataLoader(TensorDataset(X, y), batch_size=4, shuffle=True)
+    with pytest.raises(ValueError, match="draws a new order on every pass") as info:
+        ak.per_example_gradients(model, shuffled, projector=rp, out=out, start=5)
+    assert info.value.rows_written == 5  # nothing new: the caller's own rows stand
+
+    def interrupted():
+        yield X[:4], y[:4]
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt) as info:
+        ak.per_example_gradients(model, interrupted(), projector=rp, out=out)
+    assert info.value.rows_written == 4
+
+
+@pytest.mark.parametrize(
+    "container", ["tuple", "numpy", "dataset", "loader", "loader-drop-last", "list", "generator"]
+)
+@pytest.mark.parametrize("kind", ["none", "kronecker"])
+def test_resume_equals_an_uninterrupted_fill(container, kind):
+    model, seen = _rows_seen(mlp())
+    projector = projectors(model)[kind]
+    X, y = data()
+    recording = _Recording(X, y)
+    n = 12 if container == "loader-drop-last" else N  # batches of 4: the last example dropped
+    make = {
+        "tuple": lambda: (X, y),
+        "numpy": lambda: (X.numpy(), y.numpy()),
+        "dataset": lambda: recording,
+        "loader": lambda: DataLoader(recording, batch_size=4),
+        "loader-drop-last": lambda: DataLoader(recording, batch_size=4, drop_last=True),
+        "list": lambda: [(X[i : i + 4], y[i : i + 4]) for i in range(0, N, 4)],
+        "generator": lambda: ((X[i : i + 4], y[i : i + 4]) for i in range(0, N, 4)),
+    }[container]
+    expected = reference(model, projector)[:n]
+    k = expected.shape[1]
+    for start in (0, 5, 8, n):
+        out = np.full((n, k), np.nan)
+        out[:start] = 7.0  # rows a previous call wrote: left alone
+        seen.clear()
+        recording.loaded.clear()
+        ak.per_example_gradients(model, make(), projector=projector, config=F64, out=out,
+                                 start=start)  # fmt: skip
+        assert (out[:start] == 7.0).all()
+        if start < n:
+            assert_close(out[start:], expected[start:], rtol=1e-10)
+        if kind == "kronecker":  # hooked forward calls: the model saw n - start examples
+            assert sum(seen) == n - start, (start, seen)
+        if container in ("dataset", "loader", "loader-drop-last"):
+            assert sorted(set(recording.loaded)) == list(range(start, n))  # never loaded
+
+
+def test_start_is_checked():
+    model, calls = counted(mlp())
+    rp = ak.RandomProjector(6, config=F64).fit(model)
+    out = np.zeros((N, 6))
+    for start, match in [
+        (-1, "'start' parameter of per_example_gradients must be an int >= 0. Got -1"),
+        (2.0, "'start' parameter .* an int >= 0. Got 2.0"),
+        (True, "'start' parameter .* an int >= 0. Got True"),
+        (N + 1, "'start' argument .* at most the number of rows of 'out', 13. Got 14"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            ak.per_example_gradients(model, data(), projector=rp, out=out, start=start)
+    with pytest.raises(ValueError, match="need 'out'.* Got start=3 without 'out'"):
+        ak.per_example_gradients(model, data(), projector=rp, start=3)
+    with pytest.raises(ValueError, match="need 'out'"):
+        ak.per_example_gradients(model, data(), checkpoint="progress.json")
+    with pytest.raises(TypeError, match="'checkpoint' argument .* Got int"):
+        ak.per_example_gradients(model, data(), projector=rp, out=out, checkpoint=3)
+    assert not calls
+    X, y = data()
+    short = ((X[i : i + 4], y[i : i + 4]) for i in range(0, 8, 4))  # 8 examples, start 10
+    with pytest.raises(ValueError, match="start at example 10, but 'data' yielded only 8"):
+        ak.per_example_gradients(model, short, projector=rp, out=out, start=10)
+
+
+def test_checkpoint_records_each_batch(tmp_path):
+    model = mlp()
+    rp = ak.RandomProjector(6, config=F64).fit(model)
+    X, y = data()
+    batches = [(X[i : i + 5], y[i : i + 5]) for i in range(0, N, 5)]  # 5, 5, 3
+    progress = []
+    out = np.zeros((N, 6))
+    ak.per_example_gradients(model, batches, projector=rp, out=out, checkpoint=progress.append)
+    assert progress == [5, 10, 13, 13]  # after each batch, then once complete
+    path = tmp_path / "progress.json"
+    ak.per_example_gradients(model, batches, projector=rp, out=out, checkpoint=path)
+    record = json.loads(path.read_text())
+    assert record == {
+        "format": "attribkit.per_example_gradients.checkpoint/1",
+        "rows_written": 13,
+        "shape": [13, 6],
+        "dtype": "float64",
+        "complete": True,
+    }
+    assert [p.name for p in tmp_path.iterdir()] == ["progress.json"]  # no temporary left
+
+
+_KILLED_FILL = """
+import os, signal, sys
+import numpy as np
+sys.path.insert(0, {tests!r})
+from cases import classification_data, mlp
+import attribkit as ak
+
+X, y = classification_data(n={n})
+model = mlp()
+cfg = ak.ComputeConfig(dtype="float64")
+proj = ak.KroneckerProjector(in_dim=3, out_dim=2, config=cfg).fit(model)
+out = np.lib.format.open_memmap({path!r}, mode="w+", dtype="float64", shape=({n}, proj.proj_dim_))
+
+def batches():
+    for i, start in enumerate(range(0, {n}, 3)):
+        if i == {kill_at}:
+            os.kill(os.getpid(), signal.SIGKILL)  # no exception, no clean-up: kill -9
+        yield X[start : start + 3], y[start : start + 3]
+
+ak.per_example_gradients(model, batches(), projector=proj, out=out, checkpoint={ckpt!r})
+"""
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="SIGKILL is POSIX")
+def test_a_fill_killed_with_sigkill_resumes_from_its_checkpoint(tmp_path):
+    path, ckpt = str(tmp_path / "g.npy"), str(tmp_path / "g.progress.json")
+    tests = os.path.dirname(os.path.abspath(__file__))
+    script = _KILLED_FILL.format(tests=tests, n=N, path=path, ckpt=ckpt, kill_at=3)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(ak.__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
+    child = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, timeout=300
+    )
+    assert child.returncode == -signal.SIGKILL, child.stderr.decode()[-2000:]
+    record = json.loads(open(ckpt).read())
+    assert record["rows_written"] == 9 and not record["complete"]  # batches 0, 1 and 2
+    model = mlp()
+    kp = ak.KroneckerProjector(in_dim=3, out_dim=2, config=F64).fit(model)
+    out = np.load(path, mmap_mode="r+")
+    X, y = data()
+    batches = [(X[i : i + 3], y[i : i + 3]) for i in range(0, N, 3)]
+    ak.per_example_gradients(model, batches, projector=kp, out=out, start=record["rows_written"],
+                             checkpoint=ckpt)  # fmt: skip
+    del out
+    uninterrupted = ak.per_example_gradients(model, batches, projector=kp)
+    assert_close(np.load(path), uninterrupted, rtol=1e-10)
+    assert json.loads(open(ckpt).read())["complete"]

@@ -17,6 +17,7 @@ for ``attn_implementation="eager"``.
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 
@@ -41,10 +42,52 @@ from .precision import F64
 from .targets import BUILTIN_LOSSES, check_batch, logits_of, resolve_loss
 from .vectors import split
 
-__all__ = ["HVP_MODES", "MeanLossHVP"]
+__all__ = ["HVP_MODES", "MeanLossHVP", "forward_ad_error"]
 
 #: How a Hessian-vector product is taken: forward-over-reverse or reverse-over-reverse.
 HVP_MODES = ("rev-fwd", "rev-rev")
+
+
+#: What torch says when forward-mode AD cannot run an operator: no forward
+#: formula ("Trying to use forward AD with grid_sampler_2d that does not support
+#: it"), a custom autograd.Function without ``jvp`` ("You must implement the jvp
+#: function ... forward mode AD"), a forward gradient it cannot define
+#: ("... cannot have forward grad defined").
+_FORWARD_AD = re.compile(r"forward[- ]?(mode )?ad\b|forward grad|\bjvp\b", re.IGNORECASE)
+
+
+def forward_ad_error(exc: BaseException) -> bool:
+    """Whether ``exc`` (or an exception it was raised from) is forward-mode AD's own failure.
+
+    Only those may be blamed on ``mode="rev-fwd"`` (and cured by
+    ``"rev-rev"``); any other error from the model or the loss is reported
+    as what it is. Decided from torch's messages (``RuntimeError`` or
+    ``NotImplementedError`` naming forward AD, a forward gradient or a
+    ``jvp``), following ``__cause__`` and ``__context__``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from torch.func import grad, jvp
+    >>> from attribkit._compute.curvature import forward_ad_error
+    >>> def f(x):  # grid_sample has no forward-mode rule
+    ...     grid = torch.zeros(1, 1, 1, 2, dtype=x.dtype)
+    ...     out = torch.nn.functional.grid_sample(x.reshape(1, 1, 1, 3), grid, align_corners=True)
+    ...     return out.sum() ** 2
+    >>> try:
+    ...     jvp(grad(f), (torch.ones(3),), (torch.ones(3),))
+    ... except Exception as exc:
+    ...     error = exc
+    >>> forward_ad_error(error), forward_ad_error(RuntimeError("shape mismatch in my layer"))
+    (True, False)
+    """
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, (RuntimeError, NotImplementedError)) and _FORWARD_AD.search(str(exc)):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 class MeanLossHVP:
@@ -65,6 +108,15 @@ class MeanLossHVP:
     of its parameters, in eval mode (mode restored after every pass; the
     parameters' ``requires_grad`` is never touched). Floating-point inputs and
     targets are cast to the parameters' dtype.
+
+    Errors name the batch (API section 9): a batch whose summed loss or
+    product is NaN or infinite raises ``ValueError`` with the product's
+    number (a NaN loss whose derivatives vanish would otherwise look like a
+    zero curvature); an error raised while differentiating a batch is a
+    ``ValueError`` quoting it with the batch's index and shapes, unless it is
+    forward-mode AD's own (:func:`forward_ad_error`: an operator without a
+    forward-mode rule, with ``mode="rev-fwd"``), which is a ``RuntimeError``
+    suggesting ``mode="rev-rev"``. Out-of-memory errors pass through.
 
     Parameters
     ----------
@@ -145,9 +197,10 @@ class MeanLossHVP:
         # Data of one batch with rev-rev: that batch's vjp pullback and size, kept
         # between calls, as every pass would rebuild the same one.
         self._kept = None
+        self._products = 0  # calls so far: the iteration a failure is reported at
 
     def _batch_gradient(self, inputs, targets, index: int, offset: int) -> Callable:
-        """``sel -> gradient of one batch's summed loss`` (a ``torch.func.grad``).
+        """``sel -> (gradient of one batch's summed loss, that loss)`` (``torch.func.grad``).
 
         The batch is checked against the loss inside (shapes from the
         outputs, the targets' range on the plain targets): ``_BatchProblem``
@@ -167,30 +220,33 @@ class MeanLossHVP:
             if builtin_ce and logits.ndim == 2 and targets.ndim == 1:
                 # The same sum of per-example losses; forward-mode AD through
                 # reduction="none" is several times slower than through "sum".
-                return F.cross_entropy(logits, targets, reduction="sum")
-            losses = loss_fn(outputs, targets)
-            try:
-                check_batch(None, outputs, targets, owner, index=index, offset=offset,
-                            losses=losses)  # fmt: skip
-            except ValueError as exc:
-                raise _BatchProblem(exc) from exc
-            return losses.sum()
+                total = F.cross_entropy(logits, targets, reduction="sum")
+            else:
+                losses = loss_fn(outputs, targets)
+                try:
+                    check_batch(None, outputs, targets, owner, index=index, offset=offset,
+                                losses=losses)  # fmt: skip
+                except ValueError as exc:
+                    raise _BatchProblem(exc) from exc
+                total = losses.sum()
+            return total, total.detach()  # the value comes out as aux: checked to be finite
 
-        return grad(batch_loss)
+        return grad(batch_loss, has_aux=True)
 
     def _batch_hvp(
         self, inputs, targets, tangents: dict, index: int = 0, offset: int = 0
-    ) -> tuple[dict, Callable | None]:
-        """``H_b v`` for the summed loss of one batch, and the vjp pullback (rev-rev)."""
+    ):
+        """``(H_b v, the batch's summed loss, the vjp pullback or None)`` for one batch."""
         gradient = self._batch_gradient(inputs, targets, index, offset)
         if self.mode == "rev-fwd":
             from torch.func import jvp
 
-            return jvp(gradient, (self._sel,), (tangents,))[1], None
+            _, hv, value = jvp(gradient, (self._sel,), (tangents,), has_aux=True)
+            return hv, value, None
         from torch.func import vjp
 
-        _, pullback = vjp(gradient, self._sel)
-        return pullback(tangents)[0], pullback
+        _, pullback, value = vjp(gradient, self._sel, has_aux=True)
+        return pullback(tangents)[0], value, pullback
 
     def __call__(self, v: torch.Tensor) -> torch.Tensor:
         """``(H + damping I) v`` for a flat ``(p,)`` vector, in float64 on ``v``'s device."""
@@ -199,6 +255,7 @@ class MeanLossHVP:
                 f"{V.owner_name(self.owner)}: a Hessian-vector product takes a flat vector of "
                 f"shape ({self.n_features},). Got {tuple(v.shape)}."
             )
+        self._products += 1
         vec = v.detach().to(device=self.device, dtype=self.dtype)
         tangents = OrderedDict((n, t[0]) for n, t in split(vec[None], self.param_shapes).items())
         # The weighted sum, the count and a failure flag travel in one tensor:
@@ -256,13 +313,16 @@ class MeanLossHVP:
             for index, (inputs, targets) in enumerate(batches):
                 pullback = None  # a second batch's HVP never holds the first one's graph
                 try:
-                    hv, pullback = self._batch_hvp(inputs, targets, tangents, index, offset)
+                    hv, value, pullback = self._batch_hvp(
+                        inputs, targets, tangents, index, offset
+                    )
                 except _BatchProblem as problem:
                     raise problem.error from None
                 except (MemoryError, torch.OutOfMemoryError):
                     raise
                 except Exception as exc:
                     raise self._failure(exc, index, inputs, targets) from exc
+                self._check_finite(value, hv, index)
                 self._add(total, hv)
                 total[-2] += batch_len(inputs)
                 offset += batch_len(inputs)
@@ -295,20 +355,31 @@ class MeanLossHVP:
                 'model.set_attn_implementation("eager") (same weights, same outputs); '
                 "mode='rev-rev' does not help with SDPA."
             )
-        forward_ad = (
-            isinstance(exc, NotImplementedError)
-            or "forward AD" in text
-            or "forward-mode" in text
-            or "jvp" in text
-            or "fw_grad" in text
-        )
-        if self.mode == "rev-fwd" and forward_ad:
+        if self.mode == "rev-fwd" and forward_ad_error(exc):
             return RuntimeError(
                 f"{who}: the forward-over-reverse Hessian-vector product (mode='rev-fwd') "
-                f"failed on batch {index} of 'data' with {text}\nSome operators have no "
+                f"failed on batch {index} of 'data' at Hessian-vector product "
+                f"{self._products} with {text}\nAn operator of the model or loss has no "
                 "forward-mode rule; use mode='rev-rev'."
             )
         return model_failure(exc, index, inputs, targets, self.owner)
+
+    def _check_finite(self, value: torch.Tensor, hv: dict, index: int) -> None:
+        """Refuse a non-finite loss or product: its Hessian is meaningless, not zero."""
+        finite = torch.isfinite(value).all()
+        for t in hv.values():
+            finite = finite & torch.isfinite(t).all()
+        if not bool(finite):  # one synchronisation per batch; the diagnosis only on failure
+            if not bool(torch.isfinite(value).all()):
+                bad = f"the loss is {float(value)}"
+            else:
+                bad = "the Hessian-vector product is not finite (NaN or infinity)"
+            raise ValueError(
+                f"{V.owner_name(self.owner)}: on batch {index} of 'data', {bad} at "
+                f"Hessian-vector product {self._products} of this fit (one per iteration): "
+                "the model's outputs, the loss or the data contain NaN or overflow. The "
+                "curvature of a non-finite loss is undefined; check the inputs and the loss."
+            )
 
     def _add(self, total: torch.Tensor, hv: dict) -> None:
         """``total[:p] += flat(hv)`` in float64."""

@@ -30,12 +30,21 @@ the batch index.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterable, Iterator, Mapping
 
 import numpy as np
 import torch
 from torch.utils._pytree import tree_flatten, tree_map
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import (
+    DataLoader,
+    Dataset,
+    DistributedSampler,
+    IterableDataset,
+    RandomSampler,
+    SubsetRandomSampler,
+    WeightedRandomSampler,
+)
 
 from ..config import ComputeConfig
 from .progress import bar
@@ -338,3 +347,170 @@ def known_length(data) -> int | None:
     except (TypeError, ValueError):  # no __len__ (an IterableDataset, say), no tensor
         return None
     return None
+
+
+# --------------------------------------------------------------------------- resuming
+#: Samplers that draw another order on every pass: "the first k examples" is not defined.
+_RANDOM_SAMPLERS = (RandomSampler, SubsetRandomSampler, WeightedRandomSampler)
+#: DataLoader arguments a resumed loader takes over from the user's.
+_LOADER_ARGS = (
+    "num_workers", "collate_fn", "pin_memory", "timeout", "worker_init_fn",
+    "multiprocessing_context", "generator", "prefetch_factor", "persistent_workers",
+    "pin_memory_device", "in_order",
+)  # fmt: skip
+
+
+def skip_examples(data, start: int, owner: str = "per_example_gradients"):
+    """``data`` less its first ``start`` examples, in the same order, never loading them if it can.
+
+    The examples ``start, start + 1, ...`` come in the same order as from
+    ``data`` itself, so that a resumed pass continues an interrupted one
+    (:func:`attribkit.per_example_gradients` with ``start=``). How:
+
+    * a tuple ``(inputs, targets)`` of arrays, or a mapping of stacked
+      tensors: sliced (views, nothing copied);
+    * a ``Dataset`` with a length: a ``Subset`` from ``start`` on;
+    * a ``DataLoader`` with its default batching over a map-style dataset:
+      a new ``DataLoader`` over the same dataset, collate function and worker
+      settings, whose sampler starts at the ``start``-th index of the
+      original's (the indices are listed, the examples before ``start`` are
+      never loaded; ``drop_last`` keeps the original's last full batch);
+    * anything else (a generator, a list of batches, an ``IterableDataset``,
+      a custom ``batch_sampler``): iterated, whole batches before ``start``
+      dropped and the batch that straddles it sliced; the model never sees
+      them, but they are loaded.
+
+    A ``DataLoader`` whose sampler draws a new order on each pass
+    (``shuffle=True``, a random or weighted sampler, a shuffling
+    ``DistributedSampler``) raises ``ValueError``: the first ``start``
+    examples of one pass are not those of another. Data that yields fewer
+    than ``start`` examples raises ``ValueError`` when that shows.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from attribkit._compute.data import skip_examples
+    >>> X, y = torch.arange(10.0).reshape(5, 2), torch.arange(5)
+    >>> skip_examples((X, y), 3)[1]
+    tensor([3, 4])
+    >>> [b[1].tolist() for b in skip_examples([(X[:2], y[:2]), (X[2:], y[2:])], 3)]
+    [[3, 4]]
+    """
+    if start == 0:
+        return data
+    if _is_pair_of_arrays(data):
+        inputs, targets = data
+        return (tree_map(lambda v: v[start:], inputs), targets[start:])
+    if isinstance(data, Mapping):
+        rows = _leading_rows(data)
+        return {k: v[start:] if _has_rows(v, rows) else v for k, v in data.items()}
+    if isinstance(data, DataLoader):
+        sampler = data.sampler
+        if isinstance(sampler, _RANDOM_SAMPLERS) or (
+            isinstance(sampler, DistributedSampler) and sampler.shuffle
+        ):
+            raise ValueError(
+                f"{owner} cannot resume (start={start}) over a DataLoader whose sampler "
+                f"({type(sampler).__name__}) draws a new order on every pass: its first "
+                f"{start} examples are not those of the interrupted pass. Resume over the "
+                "same data in a fixed order (shuffle=False, or a Subset in the order used)."
+            )
+        if (
+            type(data) is DataLoader
+            and data.batch_size is not None
+            and not isinstance(data.dataset, IterableDataset)
+        ):
+            return _resumed_loader(data, start)
+        return _skip_rows(data, start, owner)
+    if isinstance(data, Dataset) and not isinstance(data, IterableDataset):
+        try:
+            n = len(data)
+        except TypeError:
+            return _skip_rows(data, start, owner)
+        return torch.utils.data.Subset(data, range(min(start, n), n))
+    return _skip_rows(data, start, owner)
+
+
+def _has_rows(v, rows: int) -> bool:
+    return _is_array(v) and v.ndim > 0 and v.shape[0] == rows
+
+
+def _leading_rows(batch: Mapping) -> int | None:
+    for v in batch.values():
+        if _is_array(v) and v.ndim > 0:
+            return int(v.shape[0])
+    return None
+
+
+def _resumed_loader(loader: DataLoader, start: int) -> DataLoader:
+    """A loader like ``loader`` whose examples begin at its ``start``-th one."""
+    indices = list(loader.sampler)  # indices only: no example is loaded
+    stop = len(indices)
+    if loader.drop_last:
+        stop -= stop % loader.batch_size
+    accepted = inspect.signature(DataLoader.__init__).parameters
+    kwargs = {a: getattr(loader, a) for a in _LOADER_ARGS if a in accepted and hasattr(loader, a)}
+    return DataLoader(
+        loader.dataset,
+        batch_size=loader.batch_size,
+        sampler=indices[start:stop],
+        drop_last=False,
+        **kwargs,
+    )
+
+
+def _batch_rows(batch, owner: str) -> int:
+    """Examples in one raw batch (a pair or a mapping), before any normalisation."""
+    if isinstance(batch, Mapping):
+        rows = _leading_rows(batch)
+    elif isinstance(batch, (tuple, list)) and len(batch) == 2:
+        targets = batch[1]
+        if _is_array(targets) and targets.ndim > 0:
+            rows = int(targets.shape[0])
+        elif _is_number_list(targets):
+            rows = len(targets)
+        else:
+            leaves = [t for t in tree_flatten(_as_tensor(batch[0]))[0] if _is_array(t)]
+            rows = int(leaves[0].shape[0]) if leaves and leaves[0].ndim else None
+    else:
+        rows = None
+    if rows is None:
+        raise ValueError(
+            f"{owner} cannot skip examples (start=) in a batch of type "
+            f"{type(batch).__name__}: each batch must be a pair (inputs, targets) or a mapping "
+            "of tensors whose first dimension is the batch."
+        )
+    return rows
+
+
+def _slice_batch(batch, k: int):
+    """A raw batch less its first ``k`` examples."""
+    if isinstance(batch, Mapping):
+        rows = _leading_rows(batch)
+        return {key: v[k:] if _has_rows(v, rows) else v for key, v in batch.items()}
+    inputs, targets = batch
+    return type(batch)((tree_map(lambda v: v[k:] if _is_array(v) else v, inputs), targets[k:]))
+
+
+def _skip_rows(batches, start: int, owner: str):
+    """Iterate ``batches``, dropping the first ``start`` examples (sliced at the boundary)."""
+    if not isinstance(batches, Iterable) or isinstance(batches, (str, bytes)):
+        return batches  # not data at all: iter_batches says what is wrong
+
+    def rows():
+        seen = 0
+        for batch in batches:
+            if seen >= start:
+                yield batch
+                continue
+            b = _batch_rows(batch, owner)
+            if seen + b > start:
+                yield _slice_batch(batch, start - seen)
+            seen += b
+        if seen < start:
+            raise ValueError(
+                f"{owner} was asked to start at example {start}, but 'data' yielded only "
+                f"{seen} examples."
+            )
+
+    return rows()

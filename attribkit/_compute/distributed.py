@@ -24,14 +24,28 @@ the union then counts those examples twice; for exactly the single-process
 fit give each rank a contiguous ``Subset(dataset, range(lo, hi))`` or
 slices of the tensors (uneven and empty shards are fine).
 
+Agreement (API section 9): before a distributed fit communicates, the ranks
+check that they fit the same thing, with :meth:`Reducer.agree_fit`: one
+all-gather of a fixed 64-byte row per rank (a failure flag, the SHA-256 of a
+canonical JSON of the estimator's parameters, the config fields that matter,
+the covered parameter names and shapes and the model's structure, and a
+float64 fingerprint of the model's parameter and buffer values). Any
+difference makes every rank raise a ``ValueError`` naming it, instead of a
+collective of mismatched sizes that hangs or aborts the process, or a fit on
+mixed statistics. Only then (a second collective) are the ranks' descriptions
+gathered, to say what differs.
+
 The payload bytes of every collective are counted in a module-level tally
 (:func:`traffic`, :func:`reset_traffic`), for the distributed benchmark.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import pickle
+from collections.abc import Mapping
 
 import torch
 import torch.distributed as dist
@@ -39,7 +53,15 @@ import torch.distributed as dist
 from ..config import ComputeConfig
 from .data import EMPTY_DATA_MESSAGE, EmptyDataError
 
-__all__ = ["Reducer", "reducer", "traffic", "reset_traffic"]
+__all__ = [
+    "FINGERPRINT_RTOL",
+    "Reducer",
+    "canonical",
+    "fingerprints",
+    "reducer",
+    "reset_traffic",
+    "traffic",
+]
 
 #: Tensors up to this many bytes are packed into one buffer per all-reduce.
 _PACK_BYTES = 16 * 2**20
@@ -48,6 +70,22 @@ _MAX_DIMS = 8
 _MAX_PRINTS = 4
 
 _TRAFFIC = {"bytes": 0, "collectives": 0}
+
+#: Two ranks' value fingerprints agree when they differ by at most this
+#: fraction of the values' L1 norm. Bitwise-equal values give fingerprints
+#: that differ only by the rounding of float64 sums taken in another order
+#: (another device type or CPU kernel): about ``log2(n) * 1.1e-16`` of the L1
+#: norm for tree and pairwise summation, under ``1e-13`` even for blocks of
+#: ``10^3`` sequential additions, so ``1e-10`` never rejects equal weights;
+#: any change that moves a value by more than ``1e-10`` of the model's L1
+#: mass (``~1.4e-10`` with the weights of :func:`fingerprints`) is caught.
+FINGERPRINT_RTOL = 1e-10
+#: Golden-ratio steps: the weights cos/sin(j * phi + t * psi) never repeat.
+_PHI, _PSI = 0.6180339887498949, 0.7548776662466927
+#: Elements converted to float64 at a time by :func:`fingerprints` (whole rows).
+_CHUNK = 1 << 22
+#: Values per row of the weight table of :func:`fingerprints`.
+_ROW = 1 << 12
 
 
 def traffic() -> dict:
@@ -73,6 +111,164 @@ def _count(nbytes: int) -> None:
 
 def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
+
+
+def _weight_table(device: torch.device) -> torch.Tensor:
+    """``(_ROW, 2)`` float64: ``cos(j phi)`` and ``sin(j phi)`` for ``j < _ROW``."""
+    j = torch.arange(_ROW, dtype=torch.float64, device=device).mul_(_PHI)
+    return torch.stack([torch.cos(j), torch.sin(j)], 1)
+
+
+def fingerprints(tensors) -> torch.Tensor:
+    """A float64 ``(T, 3)`` fingerprint of each tensor's values, on the CPU.
+
+    Row ``t``: ``(sum_j |x_j|, sum_j x_j cos(a_j), sum_j x_j sin(a_j))`` over
+    the flattened tensor, ``a_j = j * phi + t * psi`` (golden-ratio steps),
+    accumulated in float64 on the tensor's device, ``2**22`` elements at a
+    time. Moving a value, swapping two equal-shaped tensors or permuting
+    entries changes the weighted sums (one of ``|cos|``, ``|sin|`` is at least
+    ``0.7``); the L1 norm is the scale for :data:`FINGERPRINT_RTOL`. The
+    weighted sums are matrix products with one ``(4096, 2)`` table of
+    ``cos/sin(j phi)``, each row of 4096 values rotated by its own phase
+    (``cos(a + b) = cos a cos b - sin a sin b``): about one float64 pass over
+    the values, a fraction of a forward pass. Integer and boolean tensors
+    are converted exactly (up to ``2**53``).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from attribkit._compute.distributed import fingerprints
+    >>> a = torch.tensor([1.0, 2.0])
+    >>> fp = fingerprints([a, a.flip(0)])
+    >>> fp.shape, bool(fp[0, 0] == fp[1, 0]), bool(fp[0, 1] == fp[1, 1])
+    (torch.Size([2, 3]), True, False)
+    """
+    rows, tables = [], {}
+    for t, x in enumerate(tensors):
+        flat = x.detach().reshape(-1)
+        device = flat.device
+        if device not in tables:
+            tables[device] = _weight_table(device)
+        W = tables[device]
+        acc = torch.zeros(3, dtype=torch.float64, device=device)
+        for start in range(0, flat.numel(), _CHUNK):
+            block = flat[start : start + _CHUNK].to(torch.float64)
+            m = block.numel()
+            full = m - m % _ROW
+            acc[0] += block.abs().sum()
+            sums = block[:full].view(-1, _ROW) @ W  # (rows, 2): sum x cos(j phi), sum x sin
+            if full < m:
+                sums = torch.cat([sums, (block[full:] @ W[: m - full])[None]])
+            first = start // _ROW
+            phase = torch.arange(first, first + sums.shape[0], dtype=torch.float64, device=device)
+            phase.mul_(_ROW).mul_(_PHI).add_(t * _PSI)
+            cos, sin = torch.cos(phase), torch.sin(phase)
+            acc[1] += (cos * sums[:, 0] - sin * sums[:, 1]).sum()
+            acc[2] += (sin * sums[:, 0] + cos * sums[:, 1]).sum()
+        rows.append(acc.cpu())
+    return torch.stack(rows) if rows else torch.zeros(0, 3, dtype=torch.float64)
+
+
+def canonical(value):
+    """``value`` as plain JSON data that is the same on every rank for equal settings.
+
+    Containers recurse (tuples become lists, mapping keys strings);
+    :class:`~attribkit.ComputeConfig` keeps only ``dtype`` (the other fields
+    may differ per rank without changing the fit: the device index, the
+    progress bar, the memory budget (ranks agree on the smallest), the batch
+    size); an estimator becomes its class and parameters; a ``torch.dtype``
+    its name; a function or class its qualified name; any other object its
+    type's name (never a ``repr`` with a memory address).
+
+    Examples
+    --------
+    >>> import torch, attribkit as ak
+    >>> from attribkit._compute.distributed import canonical
+    >>> canonical({"damping": 0.1, "layers": ("a", "b"), "config": ak.ComputeConfig()})
+    {'damping': 0.1, 'layers': ['a', 'b'], 'config': {'dtype': 'float32'}}
+    >>> canonical(torch.nn.functional.mse_loss)
+    'torch.nn.functional.mse_loss'
+    """
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, ComputeConfig):
+        return {"dtype": str(value.torch_dtype).removeprefix("torch.")}
+    if isinstance(value, torch.dtype):
+        return str(value).removeprefix("torch.")
+    if isinstance(value, (torch.device, torch.Size)):
+        return str(value) if isinstance(value, torch.device) else list(value)
+    if isinstance(value, Mapping):
+        return {str(k): canonical(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [canonical(v) for v in value]
+    if hasattr(value, "get_params") and not isinstance(value, type):
+        cls = type(value)
+        return {
+            "class": f"{cls.__module__}.{cls.__qualname__}",
+            "params": canonical(value.get_params(deep=False)),
+        }
+    item = getattr(value, "item", None)
+    if callable(item) and getattr(value, "ndim", None) == 0:  # numpy/torch scalars
+        return canonical(item())
+    if callable(value) and hasattr(value, "__qualname__"):
+        return f"{getattr(value, '__module__', '?')}.{value.__qualname__}"
+    cls = type(value)
+    return f"<{cls.__module__}.{cls.__qualname__}>"
+
+
+def _digest(fields: Mapping) -> bytes:
+    text = json.dumps(canonical(fields), separators=(",", ":"), allow_nan=True)
+    return hashlib.sha256(text.encode()).digest()
+
+
+def _close(a: float, b: float, scale: float) -> bool:
+    if not (math.isfinite(a) and math.isfinite(b)):
+        return repr(a) == repr(b)
+    return abs(a - b) <= FINGERPRINT_RTOL * scale
+
+
+def _show(value, limit: int = 120) -> str:
+    text = json.dumps(canonical(value), allow_nan=True)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _field_label(key: str) -> str:
+    if key == "estimator":
+        return "the estimator class"
+    if key.startswith("params."):
+        return f"the estimator parameter {key[len('params.') :]!r}"
+    if key.startswith("config."):
+        return f"the config field {key[len('config.') :]!r}"
+    if key == "param_shapes_":
+        return "the covered parameters (param_shapes_: names and shapes)"
+    if key == "model":
+        return "the model's structure (parameter and buffer names, shapes and dtypes)"
+    return f"{key!r}"
+
+
+def _field_differences(mine: Mapping, theirs: Mapping, r: int, limit: int = 4) -> list[str]:
+    """What differs between rank 0's fields ``mine`` and rank ``r``'s ``theirs``."""
+    found = []
+    for key in list(mine) + [k for k in theirs if k not in mine]:
+        a, b = mine.get(key, "<absent>"), theirs.get(key, "<absent>")
+        if canonical(a) == canonical(b):
+            continue
+        label = _field_label(key)
+        if isinstance(a, Mapping) and isinstance(b, Mapping):
+            parts = []
+            for name in list(a) + [n for n in b if n not in a]:
+                va, vb = a.get(name, "absent"), b.get(name, "absent")
+                if canonical(va) != canonical(vb):
+                    parts.append(
+                        f"{name!r} is {_show(va, 40)} on rank 0, {_show(vb, 40)} on rank {r}"
+                    )
+            if not parts:
+                parts = ["the same entries in another order"]
+            more = f" (and {len(parts) - limit} more)" if len(parts) > limit else ""
+            found.append(f"{label}: " + "; ".join(parts[:limit]) + more)
+        else:
+            found.append(f"{label}: rank 0 has {_show(a)}, rank {r} has {_show(b)}")
+    return found
 
 
 class _ShardPass:
@@ -347,6 +543,106 @@ class Reducer:
                     f"{what} must be called by every rank with the same arguments, but rank "
                     f"{r}'s differ from rank 0's (checksums {p} and {prints[0]})."
                 )
+
+    def agree_fit(
+        self,
+        owner: str,
+        fields: Mapping | None = None,
+        prints: Mapping[str, torch.Tensor] | None = None,
+        error: BaseException | None = None,
+    ) -> None:
+        """Raise ``ValueError`` on every rank unless all ranks fit the same thing.
+
+        Called by every rank at the start of a distributed fit, before any
+        other collective (``BaseEstimator.fit`` does it as soon as the layout
+        is known). ``fields`` is a mapping of plain settings (the estimator's
+        class and parameters, the config fields that matter, the covered
+        parameter names and shapes, the model's structure; see
+        :func:`canonical`) that must be equal on every rank; ``prints`` maps
+        the names of the model's tensors to their :func:`fingerprints` rows,
+        whose column sums must agree to :data:`FINGERPRINT_RTOL` of the L1
+        norm. ``error`` says this rank failed before it could describe its
+        fit: it takes part all the same (flagged), so the others raise a
+        ``ValueError`` quoting it instead of waiting forever; the caller then
+        raises its own error.
+
+        Cost when the ranks agree: one all-gather of 64 bytes per rank (a flag,
+        a SHA-256 digest of the fields, three float64 sums). Only when they
+        do not, a second collective gathers every rank's fields,
+        fingerprints and error to name what differs.
+        """
+        if not self.active:
+            return
+        failed = error is not None
+        fields = {} if fields is None else fields
+        prints = {} if prints is None else prints
+        sums = (
+            torch.stack(list(prints.values())).sum(0)
+            if prints
+            else torch.zeros(3, dtype=torch.float64)
+        )
+        digest = torch.frombuffer(bytearray(_digest(fields)), dtype=torch.int64)
+        row = torch.cat(
+            [torch.tensor([int(failed)]), digest, sums.to(torch.float64).view(torch.int64)]
+        )
+        row = row.to(self.device)
+        out = [torch.empty_like(row) for _ in range(self.world_size)]
+        _count(_nbytes(row))
+        dist.all_gather(out, row)
+        rows = [o.cpu() for o in out]
+        flags = [int(r[0]) for r in rows]
+        digests = [r[1:5].tolist() for r in rows]
+        values = [r[5:8].view(torch.float64).tolist() for r in rows]
+        scale = max(abs(v[0]) for v in values)
+        differ = [
+            r
+            for r in range(1, self.world_size)
+            if digests[r] != digests[0]
+            or not all(_close(a, b, scale) for a, b in zip(values[r], values[0]))
+        ]
+        if not any(flags) and not differ:
+            return
+        note = f"{type(error).__name__}: {error}" if failed else None
+        mine = {"fields": canonical(fields), "prints": {k: v.tolist() for k, v in prints.items()}}
+        notes = self._gather_objects({**mine, "error": note})
+        if failed:
+            return  # the caller raises this rank's own error
+        here = f"so the fit stops on every rank (this is rank {self.rank})"
+        failures = [(r, n["error"]) for r, n in enumerate(notes) if n["error"] is not None]
+        if failures:
+            raise ValueError(
+                f"{owner}: rank(s) {[r for r, _ in failures]} failed before the ranks could "
+                f"compare their fits, {here}. " + "; ".join(f"rank {r}: {m}" for r, m in failures)
+            )
+        problems = []
+        for r in differ:
+            found = _field_differences(notes[0]["fields"], notes[r]["fields"], r)
+            if not found:
+                found = [self._value_differences(notes[0]["prints"], notes[r]["prints"], r)]
+            problems.extend(found)
+        raise ValueError(
+            f"{owner}: the ranks of the process group must fit the same estimator on the "
+            f"same model, {here}. They differ in " + "; in ".join(problems) + ". Give every "
+            "rank the same estimator parameters and the same model (e.g. load the same "
+            "checkpoint on every rank), and only its own shard of the data."
+        )
+
+    @staticmethod
+    def _value_differences(first: Mapping, other: Mapping, r: int, limit: int = 4) -> str:
+        """Name the tensors whose fingerprints differ between rank 0 and rank ``r``."""
+        names = []
+        for name, a in first.items():
+            b = other.get(name)
+            scale = max(abs(a[0]), abs(b[0])) if b is not None else 0.0
+            if b is None or not all(_close(x, y, scale) for x, y in zip(a, b)):
+                names.append(name)
+        shown = ", ".join(repr(n) for n in names[:limit])
+        more = f" and {len(names) - limit} more" if len(names) > limit else ""
+        what = f"{shown}{more}" if names else "several tensors (each within rounding alone)"
+        return (
+            f"the values of the model's parameters and buffers: rank {r}'s differ from rank "
+            f"0's in {what} (checksums compared to {FINGERPRINT_RTOL:g} of their L1 norm)"
+        )
 
     # ------------------------------------------------------------ passes
     def shard_pass(self, owner: str) -> _ShardPass:

@@ -68,12 +68,19 @@ def _feature_layout(feature, feature_batch_size: int, func: str) -> OrderedDict:
             raise TypeError(
                 f"{where} of {func} must be a torch.Tensor. Got {type(value).__name__}."
             )
-        if value.numel() == 0 or value.numel() % feature_batch_size:
+        shape = tuple(value.shape)
+        one_vector = value.ndim == 1 and feature_batch_size == 1 and key is None
+        if not one_vector and (value.ndim == 0 or shape[0] != feature_batch_size):
+            # dattri 0.1.0 divides numel by feature_batch_size whatever the shape, so a
+            # (4, 10) tensor with feature_batch_size=5 silently became 5 examples of 8.
+            what = "The 'feature' parameter" if key is None else f"The value {where}"
             raise ValueError(
-                f"{where} of {func} has {value.numel()} entries, which is not a positive "
-                f"multiple of feature_batch_size={feature_batch_size}: it must hold "
-                "feature_batch_size examples."
+                f"{what} of {func} must have shape (feature_batch_size, ...) = "
+                f"({feature_batch_size}, ...): its first dimension holds the "
+                f"feature_batch_size={feature_batch_size} examples. Got shape {shape} instead."
             )
+        if value.numel() == 0:
+            raise ValueError(f"{where} of {func} has no entries (shape {shape}).")
         layout[key] = value.numel() // feature_batch_size
     return layout
 
@@ -144,7 +151,11 @@ def random_project(
         whose values hold ``feature_batch_size`` examples each (e.g.
         ``(feature_batch_size, numel)`` or ``(feature_batch_size, *shape)``).
         Only its layout is used: ``feature_dim`` is the sum over keys of
-        ``numel // feature_batch_size``.
+        ``numel // feature_batch_size``. The first dimension of the tensor
+        (of every value of the dict) must be ``feature_batch_size``
+        (``ValueError`` otherwise; dattri 0.1.0 divides ``numel`` by
+        ``feature_batch_size`` whatever the shape); a 1-D tensor with
+        ``feature_batch_size=1`` is one example.
     feature_batch_size : int
         The number of examples in each tensor of ``feature``.
     proj_dim : int
@@ -392,6 +403,12 @@ def arnoldi_project(
     start vector has its own generator. The eigenpairs are computed when
     ``arnoldi_project`` is called, not at the first projection.
 
+    **Non-finite values.** ``func(x)`` is evaluated once first: NaN or
+    infinity raises ``ValueError`` saying so (the reference goes on, and a
+    NaN whose derivatives vanish looked like a zero curvature). A
+    Hessian-vector product that is not finite raises ``ValueError`` naming
+    the iteration.
+
     Examples
     --------
     >>> import torch
@@ -427,6 +444,15 @@ def arnoldi_project(
     seed = V.check_int(name, "seed", seed)
     cfg = config(device, float_dtype(x.dtype))
     model = _FunctionModel(func, x.to(cfg.torch_device))
+    with torch.no_grad():
+        value = model(torch.zeros(1, device=cfg.torch_device))
+    if not bool(torch.isfinite(value).all()):
+        # x is fixed, so every Hessian-vector product would see this value.
+        raise ValueError(
+            f"{name}: func(x) returned {float(value[0])} (checked before the first "
+            "Hessian-vector product): the Hessian of a NaN or infinite value is undefined. "
+            "Check func and x."
+        )
     one = torch.zeros(1, 1, dtype=model.x.dtype, device=cfg.torch_device)
     est = ArnoldiProjector(
         proj_dim=proj_dim,

@@ -223,6 +223,8 @@ default="module"
     (2, 5)
     """
 
+    _agree_on_fit = True  # model-mode fits communicate: the ranks agree first
+
     def __init__(
         self,
         damping: float | list[float] | str = "auto",

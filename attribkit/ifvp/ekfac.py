@@ -767,6 +767,7 @@ class EKFACIFVP(BaseEstimator):
         "gradients alone do not give (a gradient s a^T does not determine a a^T and s s^T)."
     )
     _transient = ("_scales",)
+    _agree_on_fit = True  # model-mode fits communicate: the ranks agree first
 
     def __init__(
         self,

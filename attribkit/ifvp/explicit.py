@@ -234,6 +234,8 @@ class ExplicitIFVP(BaseEstimator):
     {'weight': (2, 3, 8), 'bias': (2, 3)}
     """
 
+    _agree_on_fit = True  # model-mode fits communicate: the ranks agree first
+
     def __init__(
         self,
         damping: float = 0.0,

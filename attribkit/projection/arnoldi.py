@@ -525,6 +525,7 @@ class ArnoldiProjector(BaseEstimator):
     """
 
     _same_layout = False
+    _agree_on_fit = True  # model-mode fits communicate: the ranks agree first
 
     def __init__(
         self,

@@ -111,8 +111,21 @@ def test_random_project_bad_input():
         random_project(X, 8, 0, 32, "cpu")
     with pytest.raises(ValueError, match="'feature_batch_size' parameter"):
         random_project(X, 0, 4, 32, "cpu")
-    with pytest.raises(ValueError, match="multiple of feature_batch_size=7"):
+    # The first dimension holds the examples (dattri 0.1.0 would take 240 // 7 = 34
+    # features per example, or 40 // 5 = 8 for a (4, 10) tensor with 5 examples).
+    shape = (
+        r"of random_project must have shape \(feature_batch_size, ...\) = \({}, ...\).* "
+        r"Got shape \({}\)"
+    )
+    with pytest.raises(ValueError, match="The 'feature' parameter " + shape.format(7, "8, 30")):
         random_project(X, 7, 4, 32, "cpu")
+    with pytest.raises(ValueError, match=shape.format(5, "4, 10")):
+        random_project(torch.randn(4, 10), 5, 4, 32, "cpu")
+    with pytest.raises(ValueError, match=r"feature\['b'\] .*" + shape.format(4, "5, 2")):
+        random_project({"a": torch.randn(4, 3), "b": torch.randn(5, 2)}, 4, 4, 32, "cpu")
+    with pytest.raises(ValueError, match="no entries"):
+        random_project(torch.randn(4, 0), 4, 4, 32, "cpu")
+    assert random_project(torch.randn(30), 1, 4, 32, "cpu")(X).shape == (8, 4)  # one example
     with pytest.raises(ValueError, match="device"):
         random_project(X, 8, 4, 32, "tpu")
     with pytest.raises(TypeError, match="'feature' parameter"):
@@ -213,3 +226,29 @@ def test_arnoldi_project_bad_input():
     project = arnoldi_project(8, f, x, proj_dim=2)
     with pytest.raises(ValueError, match="feature_dim=8"):
         project(torch.randn(3, 9, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("mode", ["rev-fwd", "rev-rev"])
+@pytest.mark.parametrize(
+    "func, value",
+    [
+        (lambda x: (x * float("nan")).sum(), "nan"),  # linear: its Hessian is NaN * 0 = 0
+        (lambda x: torch.where(x > 10, x**2, float("nan")).sum(), "nan"),  # zero derivatives
+        (lambda x: (x**2).sum() + float("inf"), "inf"),  # a finite Hessian of an inf value
+    ],
+    ids=["nan-linear", "nan-flat", "inf-quadratic"],
+)
+def test_arnoldi_project_non_finite_function(func, value, mode):
+    # Reported as what it is, not as "the curvature is zero to rounding" (issue 16).
+    x = torch.linspace(0.5, 2.0, 6, dtype=torch.float64)
+    with pytest.raises(ValueError, match=rf"arnoldi_project: func\(x\) returned {value} "):
+        arnoldi_project(6, func, x, proj_dim=3, mode=mode)
+
+
+@pytest.mark.parametrize("mode", ["rev-fwd", "rev-rev"])
+def test_arnoldi_project_non_finite_hessian_names_the_iteration(mode):
+    # func(x) is finite, its Hessian is not: sqrt at 0 has infinite curvature.
+    x = torch.linspace(0.5, 2.0, 6, dtype=torch.float64)
+    message = r"the Hessian-vector product is not finite .* at Hessian-vector product 1 "
+    with pytest.raises(ValueError, match=message):
+        arnoldi_project(6, lambda x: torch.sqrt(x - 0.5).sum(), x, proj_dim=3, mode=mode)

@@ -546,3 +546,104 @@ def test_pickle_keeps_ihvp(problem):
     assert_close(loaded.ihvp(V), est.ihvp(V), rtol=0)
     assert_close(loaded.transform(V), est.transform(V), rtol=0)
     assert math.isclose(float(loaded.eigenvalues_[0]), float(est.eigenvalues_[0]))
+
+
+# ------------------------------------------------------------------ errors with context
+class _NoJvpTanh(torch.autograd.Function):
+    """tanh as a custom Function with a backward and no jvp: no forward-mode rule."""
+
+    @staticmethod
+    def forward(x):
+        return torch.tanh(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(output)
+
+    @staticmethod
+    def backward(ctx, g):
+        (y,) = ctx.saved_tensors
+        return g * (1 - y * y)
+
+
+class _Net(torch.nn.Module):
+    """Linear, tanh, Linear; ``tanh`` may be the custom one, or the model may fail."""
+
+    def __init__(self, custom=False, fail_rows=None):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b = torch.nn.Linear(4, 5).double(), torch.nn.Linear(5, 3).double()
+        self.custom, self.fail_rows = custom, fail_rows
+
+    def forward(self, x):
+        if x.shape[0] == self.fail_rows:
+            raise RuntimeError(f"my layer cannot take {self.fail_rows} rows")
+        h = self.a(x)
+        return self.b(_NoJvpTanh.apply(h) if self.custom else torch.tanh(h))
+
+
+def _net_data():
+    g = torch.Generator().manual_seed(3)
+    return torch.randn(8, 4, generator=g, dtype=torch.float64), torch.randint(
+        0, 3, (8,), generator=g
+    )
+
+
+@pytest.mark.parametrize("mode", ["rev-fwd", "rev-rev"])
+def test_a_model_error_is_reported_as_itself_with_its_batch(mode):
+    # Batches of 3, 3, 2: the model fails on the last one only. Not blamed on forward-mode AD.
+    cfg = ak.ComputeConfig(dtype="float64", batch_size=3)
+    with pytest.raises(ValueError) as info:
+        ak.ArnoldiProjector(proj_dim=2, mode=mode, config=cfg).fit(_Net(fail_rows=2), _net_data())
+    message = str(info.value)
+    assert "failed on batch 2 of 'data' (inputs of shape (2, 4)" in message
+    assert "RuntimeError: my layer cannot take 2 rows" in message
+    assert "forward-mode" not in message and "use mode='rev-rev'" not in message
+
+
+def test_an_operator_without_forward_rule_suggests_rev_rev():
+    cfg = ak.ComputeConfig(dtype="float64", batch_size=3)
+    X, y = _net_data()
+    with pytest.raises(RuntimeError, match="no forward-mode rule; use mode='rev-rev'"):
+        ak.ArnoldiProjector(proj_dim=3, config=cfg).fit(_Net(custom=True), (X, y))
+    # ... which then gives the eigenpairs of the same model built from torch.tanh.
+    a = ak.ArnoldiProjector(proj_dim=3, mode="rev-rev", config=cfg).fit(_Net(custom=True), (X, y))
+    b = ak.ArnoldiProjector(proj_dim=3, mode="rev-rev", config=cfg).fit(_Net(), (X, y))
+    assert_close(a.eigenvalues_, b.eigenvalues_, rtol=1e-10)
+
+
+def test_forward_ad_errors_are_told_from_the_rest():
+    from torch.func import grad, jvp
+
+    from attribkit._compute.curvature import forward_ad_error
+
+    x = torch.ones(3, dtype=torch.float64)
+    with pytest.raises(Exception) as info:
+        jvp(grad(lambda z: _NoJvpTanh.apply(z).sum()), (x,), (x,))
+    assert forward_ad_error(info.value)
+    wrapped = ValueError("while fitting")
+    wrapped.__cause__ = info.value
+    assert forward_ad_error(wrapped)  # found through the chain
+    assert not forward_ad_error(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
+    assert not forward_ad_error(KeyError("forward AD"))  # only torch's error types count
+
+
+@pytest.mark.parametrize("mode", ["rev-fwd", "rev-rev"])
+def test_a_nan_loss_is_not_a_zero_curvature(mode):
+    # A NaN that does not depend on the parameters has zero derivatives: it looked like
+    # a zero curvature ("no eigenpair to invert"). Now: the batch and the product.
+    X, y = _net_data()
+    cfg = ak.ComputeConfig(dtype="float64", batch_size=3)
+
+    def loss(outputs, targets):
+        bad = (torch.arange(len(targets)) == 0) & (targets.shape[0] == 2)
+        ce = torch.nn.functional.cross_entropy(outputs, targets, reduction="none")
+        return torch.where(bad, float("nan"), ce)
+
+    message = r"on batch 2 of 'data', the loss is nan at Hessian-vector product 1 of this fit"
+    with pytest.raises(ValueError, match=message):
+        ak.ArnoldiProjector(proj_dim=2, mode=mode, loss=loss, config=cfg).fit(_Net(), (X, y))
+    # NaN in the data of a later batch: the same report.
+    X[7, 0] = float("nan")
+    with pytest.raises(ValueError, match="on batch 2 of 'data', the loss is nan"):
+        ak.ArnoldiProjector(proj_dim=2, mode=mode, config=cfg).fit(_Net(), (X, y))
