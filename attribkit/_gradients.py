@@ -805,11 +805,16 @@ def _no_rows(model, data, params, config, flatten, projector, out):
 
 # --------------------------------------------------------------------------- HVPs
 HVP_MODES = ("rev-fwd", "rev-rev")
+
+
 class MeanLossHVP:
     """Curvature-vector products ``v -> (H + damping I) v`` of the mean loss over ``data``.
 
     ``H`` is the Hessian, in the selected parameters, of the mean loss
-    ``(1/n) sum_i loss_i`` over all ``n`` examples ``data`` yields. Each call
+    ``(1/n) sum_i loss_i`` over all ``n`` examples ``data`` yields. A call
+    takes one flat vector ``(p,)`` or a block of ``k`` of them ``(k, p)``
+    (products ``(k, p)``, one per row, vectorised over the rows with
+    ``torch.func.vmap`` in chunks of at most ``max_rows``). Each call
     streams over ``data`` once, so the data set never has to fit in memory:
     per batch ``b`` it adds the Hessian-vector product of the batch's *summed*
     loss (``|b|`` times its mean, so a ragged last batch weighs exactly what
@@ -866,6 +871,10 @@ class MeanLossHVP:
     n_samples : int or None
         The (all-reduced) example count, known after the first call; a later
         pass that sees another count raises ``ValueError``.
+    max_rows : int or None
+        At most this many rows of a block go through one vectorised product
+        (``None``: all at once); a block of more rows is split into chunks
+        within each batch, so a call is still one pass over the data.
     """
 
     def __init__(
@@ -911,6 +920,7 @@ class MeanLossHVP:
         # Data of one batch with rev-rev: that batch's vjp pullback and size, kept
         # between calls, as every pass would rebuild the same one.
         self._kept = None
+        self.max_rows: int | None = None
 
     def _batch_gradient(self, inputs, targets) -> Callable:
         """``sel -> gradient of one batch's summed loss`` (a ``torch.func.grad``)."""
@@ -927,39 +937,66 @@ class MeanLossHVP:
 
         return grad(batch_loss)
 
-    def _batch_hvp(self, inputs, targets, tangents: dict) -> tuple[dict, Callable | None]:
-        """``H_b v`` for the summed loss of one batch, and the vjp pullback (rev-rev)."""
+    def _batch_hvp(
+        self, inputs, targets, tangents: dict, batched: bool
+    ) -> tuple[dict, Callable | None]:
+        """``H_b v`` for the summed loss of one batch, and the vjp pullback (rev-rev).
+
+        ``tangents`` maps each parameter to ``(k, *shape)`` rows when
+        ``batched`` (the products are ``(k, *shape)``), else to ``shape``.
+        Subclasses with another curvature override this method alone.
+        """
         gradient = self._batch_gradient(inputs, targets)
         if self.mode == "rev-fwd":
             from torch.func import jvp
 
-            return jvp(gradient, (self._sel,), (tangents,))[1], None
+            def product(t):
+                return jvp(gradient, (self._sel,), (t,))[1]
+
+            return (vmap(product)(tangents) if batched else product(tangents)), None
         from torch.func import vjp
 
         _, pullback = vjp(gradient, self._sel)
-        return pullback(tangents)[0], pullback
+        return _pull(pullback, tangents, batched), pullback
+
+    def _forward_mode_error(self, exc: Exception) -> RuntimeError:
+        """The error for a model whose operators lack forward-mode rules."""
+        return RuntimeError(
+            f"{V._owner(self.owner)}: the forward-over-reverse Hessian-vector "
+            f"product (mode='rev-fwd') failed with {type(exc).__name__}: {exc}\n"
+            "Some operators have no forward-mode rule; use mode='rev-rev'."
+        )
 
     def __call__(self, v: torch.Tensor) -> torch.Tensor:
-        """``(H + damping I) v`` for a flat ``(p,)`` vector, in float64 on ``v``'s device."""
-        if v.shape != (self.n_features,):
+        """``(H + damping I) v`` in float64 on ``v``'s device.
+
+        ``v`` is one flat vector ``(p,)`` or a block ``(k, p)`` of them; the
+        result has ``v``'s shape. A block costs one pass over the data too.
+        """
+        p = self.n_features
+        if v.ndim not in (1, 2) or v.shape[-1] != p:
             raise ValueError(
                 f"{V._owner(self.owner)}: a Hessian-vector product takes a flat vector of "
-                f"shape ({self.n_features},). Got {tuple(v.shape)}."
+                f"shape ({p},) or a block (k, {p}). Got {tuple(v.shape)}."
             )
-        vec = v.detach().to(device=self.device, dtype=self.dtype)
+        batched = v.ndim == 2
+        rows = v.reshape(-1, p)
+        k = rows.shape[0]
+        vec = rows.detach().to(device=self.device, dtype=self.dtype)
         tangents, start = OrderedDict(), 0
         for name, shape in self.param_shapes.items():
             size = math.prod(shape)
-            tangents[name] = vec[start : start + size].reshape(shape)
+            block = vec[:, start : start + size]
+            tangents[name] = block.reshape(k, *shape) if batched else block.reshape(shape)
             start += size
         # The weighted sum, the count and a failure flag travel in one tensor:
         # one all-reduce. Distributed, an empty shard on one rank is fine (an
         # empty union is not), and a rank that fails makes every rank raise
         # instead of leaving the others waiting in the all-reduce.
-        total = torch.zeros(self.n_features + 2, dtype=torch.float64, device=self.device)
+        total = torch.zeros(k * p + 2, dtype=torch.float64, device=self.device)
         red, error = self._reducer, None
         try:
-            self._pass(total, tangents)
+            self._pass(total, tangents, k if batched else 0)
         except EmptyDataError:
             if not red.active:
                 raise
@@ -986,16 +1023,20 @@ class MeanLossHVP:
                 f"{V._owner(self.owner)}: 'data' yielded {count} examples in one pass and "
                 f"{self.n_samples} in the first; every pass must see the same data."
             )
-        out = total[:-2].div_(count)
+        out = total[:-2].div_(count).reshape(v.shape)
         if self.damping:
             out.add_(v.detach().to(device=self.device, dtype=torch.float64), alpha=self.damping)
         return out.to(v.device)
 
-    def _pass(self, total: torch.Tensor, tangents: dict) -> None:
-        """Add this rank's ``sum_b H_b v`` to ``total[:-2]`` and its count to ``total[-2]``."""
+    def _pass(self, total: torch.Tensor, tangents: dict, k: int) -> None:
+        """Add this rank's ``sum_b H_b v`` to ``total[:-2]`` and its count to ``total[-2]``.
+
+        ``k`` is the number of rows of a block (0 for a single vector).
+        """
         if self._kept is not None:
             pullback, size = self._kept
-            self._add(total, pullback(tangents)[0])
+            for lo, chunk in self._chunks(tangents, k):
+                self._add(total, _pull(pullback, chunk, k > 0), lo, k)
             total[-2] += size
             return
         batches = iter_batches(self.data, self._config, device=self.device, dtype=self.dtype)
@@ -1009,26 +1050,42 @@ class MeanLossHVP:
                     _check_loss_output(self.loss_fn, outputs, targets, self.owner)
                     self._checked = True
                 pullback = None  # a second batch's HVP never holds the first one's graph
-                try:
-                    hv, pullback = self._batch_hvp(inputs, targets, tangents)
-                except (RuntimeError, NotImplementedError) as exc:
-                    if self.mode != "rev-fwd":
-                        raise
-                    raise RuntimeError(
-                        f"{V._owner(self.owner)}: the forward-over-reverse Hessian-vector "
-                        f"product (mode='rev-fwd') failed with {type(exc).__name__}: {exc}\n"
-                        "Some operators have no forward-mode rule; use mode='rev-rev'."
-                    ) from exc
-                self._add(total, hv)
+                for lo, chunk in self._chunks(tangents, k):
+                    try:
+                        hv, pullback = self._batch_hvp(inputs, targets, chunk, k > 0)
+                    except (RuntimeError, NotImplementedError) as exc:
+                        if self.mode != "rev-fwd":
+                            raise
+                        raise self._forward_mode_error(exc) from exc
+                    self._add(total, hv, lo, k)
                 total[-2] += batch_len(inputs)
                 seen += 1
         if seen == 1 and pullback is not None:
             self._kept = (pullback, float(total[-2]))
 
-    def _add(self, total: torch.Tensor, hv: dict) -> None:
-        """``total[:p] += flat(hv)`` in float64."""
+    def _chunks(self, tangents: dict, k: int):
+        """``(first row, tangents)`` chunks of at most ``max_rows`` rows (one if ``k == 0``)."""
+        step = k if not self.max_rows else min(k, int(self.max_rows))
+        if k == 0 or step >= k:
+            yield 0, tangents
+            return
+        for lo in range(0, k, step):
+            yield lo, OrderedDict((n, t[lo : lo + step]) for n, t in tangents.items())
+
+    def _add(self, total: torch.Tensor, hv: dict, lo: int = 0, k: int = 0) -> None:
+        """``total[:p] += flat(hv)`` in float64 (rows ``lo:`` of the ``(k, p)`` block)."""
+        p = self.n_features
+        rows = next(iter(hv.values())).shape[0] if k else 1
+        out = total[lo * p : (lo + rows) * p].view(rows, p)
         offset = 0
         for name in self.param_shapes:
-            block = hv[name].reshape(-1)
-            total[offset : offset + block.numel()] += block.to(torch.float64)
-            offset += block.numel()
+            block = hv[name].reshape(rows, -1)
+            out[:, offset : offset + block.shape[1]] += block.to(torch.float64)
+            offset += block.shape[1]
+
+
+def _pull(pullback, cotangents: dict, batched: bool) -> dict:
+    """A vjp ``pullback`` applied to one cotangent, or vectorised over a block of rows."""
+    if batched:
+        return vmap(pullback)(cotangents)[0]
+    return pullback(cotangents)[0]
