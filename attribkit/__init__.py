@@ -5,7 +5,7 @@ from ._gradients import per_example_gradients
 from ._scores import influence, self_influence
 from .base import BaseEstimator
 from .config import ComputeConfig
-from .ifvp import EKFACIFVP, DataInfIFVP, ExplicitIFVP
+from .ifvp import EKFACIFVP, DataInfIFVP, ExplicitIFVP, IterativeIFVP
 from .projection import ArnoldiProjector, KroneckerProjector, RandomProjector
 
 __version__ = "0.1.0"
@@ -21,6 +21,7 @@ __all__ = [
     "ExplicitIFVP",
     "DataInfIFVP",
     "EKFACIFVP",
+    "IterativeIFVP",
     # helpers
     "per_example_gradients",
     "influence",

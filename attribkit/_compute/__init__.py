@@ -1,0 +1,1 @@
+"""The low layer: mechanics every estimator shares, importing nothing above it."""
