@@ -39,7 +39,7 @@ from .._compute.checksum import checksum_differences, parameter_checksum
 from .._compute.ggn import GramProduct, MeanLossGGN
 from .._distributed import reducer
 from .._gradients import MeanLossHVP, select_params
-from .._vectors import all_finite
+from .._vectors import ARRAY_KEY, all_finite, split
 from ..base import BaseEstimator
 from ..config import ComputeConfig
 
@@ -589,8 +589,10 @@ class IterativeIFVP(BaseEstimator):
             pre.set_params(**updates)
             if G is None:
                 pre.fit(model, data)
-            else:
+            elif list(self.param_shapes_) == [ARRAY_KEY]:
                 pre.fit(G)
+            else:  # the layout of the dict this estimator was fitted on
+                pre.fit(split(G, self.param_shapes_))
         self.preconditioner_ = pre
         self._cover = self._map_layout(pre)
 
