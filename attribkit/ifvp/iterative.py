@@ -96,6 +96,8 @@ def batched_pcg(
     *,
     max_iter: int = 100,
     tol: float = 1e-6,
+    rounding: float = _EPS64,
+    scale: float = 0.0,
     progress: bool = False,
     desc: str = "CG",
 ) -> PCGResult:
@@ -121,6 +123,12 @@ def batched_pcg(
         At most this many calls of ``matmat``.
     tol : float, default=1e-6
         Stop a row at relative residual ``<= tol``.
+    rounding : float, default=float64 eps
+        The relative rounding error of ``matmat`` (the machine epsilon of
+        the precision it computes in).
+    scale : float, default=0.0
+        An estimate of ``||A||`` (e.g. its mean eigenvalue); the largest
+        ``||A d|| / ||d||`` seen is used when larger.
     progress : bool
         A tqdm bar over the iterations.
     desc : str
@@ -133,8 +141,11 @@ def batched_pcg(
     Raises
     ------
     NotPositiveDefinite
-        When ``d^T A d <= eps ||d|| ||A d||`` for a search direction ``d``
-        (``A`` is indefinite or singular to float64 precision), or
+        When ``d^T A d <= rounding * ||d||^2 * ||A||`` for a search
+        direction ``d`` (``A`` is indefinite, or singular to the precision
+        of its products: the curvature along ``d`` is at their rounding
+        level; ``||A||`` is ``scale`` or the largest ``||A d|| / ||d||``
+        seen), or
         ``r^T M r <= 0`` for a nonzero residual (``M`` is not positive
         definite). The row index refers to ``V``.
     ValueError
@@ -171,7 +182,7 @@ def batched_pcg(
     if idx.numel() == 0:
         return PCGResult(X, n_iter, residual, converged)
     residual[idx.cpu()] = 1.0
-    scale = norms[idx]
+    vnorm = norms[idx]
     R = V[idx].clone()
 
     def preconditioned(R: torch.Tensor, iteration: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -187,6 +198,8 @@ def batched_pcg(
 
     Z, rz = preconditioned(R, 0)
     D = Z.clone()
+    norm = torch.linalg.vector_norm
+    opnorm = float(scale)
     with tqdm(total=max_iter, desc=desc, disable=not progress, leave=False) as bar:
         for it in range(1, max_iter + 1):
             Q = matmat(D).to(device=D.device, dtype=_F64)
@@ -196,9 +209,9 @@ def batched_pcg(
                     "infinity): the loss, model outputs or data overflow or contain NaN."
                 )
             dq = (D * Q).sum(1)
-            norm = torch.linalg.vector_norm
-            floor = _EPS64 * norm(D, dim=1) * norm(Q, dim=1)
-            bad = ~(dq > floor)
+            dd = D.square().sum(1)
+            opnorm = max(opnorm, float((norm(Q, dim=1) / dd.sqrt()).max()))
+            bad = ~(dq > rounding * opnorm * dd)
             if bool(bad.any()):
                 j = int(torch.nonzero(bad)[0, 0])
                 raise NotPositiveDefinite("operator", int(idx[j]), it, float(dq[j]))
@@ -206,7 +219,7 @@ def batched_pcg(
             X[idx] += alpha * D
             R_old = R
             R = R - alpha * Q
-            rel = torch.linalg.vector_norm(R, dim=1) / scale
+            rel = norm(R, dim=1) / vnorm
             cpu_idx = idx.cpu()
             n_iter[cpu_idx] = it
             residual[cpu_idx] = rel.cpu()
@@ -217,7 +230,7 @@ def batched_pcg(
             if not bool(keep.any()) or it == max_iter:
                 break
             if not bool(keep.all()):
-                idx, scale = idx[keep], scale[keep]
+                idx, vnorm = idx[keep], vnorm[keep]
                 R, R_old, D, rz = R[keep], R_old[keep], D[keep], rz[keep]
             bar.set_postfix(active=int(idx.numel()), refresh=False)
             Z, rz_new = preconditioned(R, it)
@@ -238,6 +251,30 @@ class _Binding:
 
     def __init__(self, model, data, product):
         self.model, self.data, self.product = model, data, product
+
+
+class _Cover(NamedTuple):
+    """How a preconditioner's layout maps onto the estimator's (tensors of column indices).
+
+    ``ours``: our columns it covers, in its order; ``its``: their columns in
+    its flat layout (``None`` when it covers nothing else), ``width`` its
+    ``n_features_in_``; ``rest``: our columns it does not cover.
+    """
+
+    ours: torch.Tensor
+    its: torch.Tensor | None
+    width: int
+    rest: torch.Tensor
+
+
+def _offsets(shapes) -> dict:
+    """``name -> (first flat column, size, shape)``."""
+    out, start = {}, 0
+    for key, shape in shapes.items():
+        size = math.prod(shape)
+        out[key] = (start, size, tuple(int(d) for d in shape))
+        start += size
+    return out
 
 
 def _is_fitted(est) -> bool:
@@ -307,11 +344,14 @@ class IterativeIFVP(BaseEstimator):
         ``fisher``) are used as given: ``fisher="expected"`` and
         ``damping=`` this ``damping`` match ``curvature="ggn"`` best. The
         object passed is never modified; the fitted clone is
-        ``preconditioner_``. Fitted, it is used as given (its layout must be
-        parameters of this estimator's layout, with the same shapes). It must
-        be symmetric positive definite (any IFVP with ``damping > 0`` is);
-        one that is not raises ``ValueError``. On the parameters it does not
-        cover it acts as ``identity_scale_ * I`` (see Attributes).
+        ``preconditioner_``. Fitted, it is used as given (parameters it
+        shares with this estimator's layout must have the same shapes). It
+        must be symmetric positive definite (any IFVP with ``damping > 0``
+        is); one that is not raises ``ValueError``. On the parameters it does
+        not cover it acts as ``identity_scale_ * I`` (see Attributes);
+        parameters it covers that this estimator does not (the frozen weight
+        of a layer EK-FAC covers) get zero input and their output is dropped,
+        which keeps it symmetric positive definite (a compression ``S^T M S``).
     max_iter : int, default=100
         At most this many iterations (passes over the data) per ``solve``.
     tol : float, default=1e-6
@@ -567,7 +607,7 @@ class IterativeIFVP(BaseEstimator):
     def _fit_preconditioner(self, config, *, model=None, data=None, G=None) -> None:
         """Fit a clone of the preconditioner (or take a fitted one) and map its layout."""
         given = self.preconditioner
-        self._cover = None  # (indices of the covered columns in its order, the others)
+        self._cover = None  # where the preconditioner's layout meets ours (_Cover)
         if given is None:
             self.preconditioner_ = None
             return
@@ -596,8 +636,8 @@ class IterativeIFVP(BaseEstimator):
         self.preconditioner_ = pre
         self._cover = self._map_layout(pre)
 
-    def _map_layout(self, pre):
-        """Column indices the preconditioner covers (in its order) and the rest; None if all."""
+    def _map_layout(self, pre) -> _Cover | None:
+        """Where the preconditioner's layout meets this estimator's; ``None`` if they are equal."""
         shapes = getattr(pre, "param_shapes_", None)
         name = type(pre).__name__
         if not shapes:
@@ -605,43 +645,52 @@ class IterativeIFVP(BaseEstimator):
                 f"The 'preconditioner' of IterativeIFVP ({name}) has no param_shapes_: "
                 "it must be a fitted attribkit IFVP estimator."
             )
-        offsets, start = {}, 0
-        for key, shape in self.param_shapes_.items():
-            size = math.prod(shape)
-            offsets[key] = (start, size, tuple(shape))
-            start += size
-        unknown = [k for k in shapes if k not in offsets]
-        wrong = {
-            k: (tuple(s), offsets[k][2])
-            for k, s in shapes.items()
-            if k in offsets and tuple(s) != offsets[k][2]
-        }
-        if unknown or wrong:
+        if list(shapes) == list(self.param_shapes_) and all(
+            tuple(shapes[k]) == tuple(s) for k, s in self.param_shapes_.items()
+        ):
+            return None
+        mine, theirs = _offsets(self.param_shapes_), _offsets(shapes)
+        wrong = {k: (theirs[k][2], mine[k][2]) for k in theirs if k in mine}
+        wrong = {k: v for k, v in wrong.items() if v[0] != v[1]}
+        common = [k for k in theirs if k in mine]
+        if wrong or not common:
             raise ValueError(
                 f"The 'preconditioner' of IterativeIFVP ({name}) was fitted on a layout that "
-                f"is not part of IterativeIFVP's: parameters {unknown} are not among "
-                f"{list(offsets)}"
-                + (f", and {wrong} have other shapes (preconditioner's, ours)" if wrong else "")
+                "does not match IterativeIFVP's: "
+                + (
+                    f"{wrong} have other shapes (preconditioner's, ours)"
+                    if wrong
+                    else f"none of its parameters {list(theirs)} are among {list(mine)}"
+                )
                 + ". Fit it on the same model and parameters (or leave it unfitted: it is "
                 "then fitted inside fit)."
             )
-        if list(shapes) == list(offsets):
-            return None
-        covered = torch.cat(
-            [torch.arange(offsets[k][0], offsets[k][0] + offsets[k][1]) for k in shapes]
+
+        def columns(offsets):
+            return torch.cat(
+                [torch.arange(offsets[k][0], offsets[k][0] + offsets[k][1]) for k in common]
+            )
+
+        ours, its = columns(mine), columns(theirs)
+        rest = torch.ones(self.n_features_in_, dtype=torch.bool)
+        rest[ours] = False
+        width = int(pre.n_features_in_)
+        device = self._device
+        return _Cover(
+            ours.to(device),
+            None if width == its.numel() else its.to(device),
+            width,
+            torch.nonzero(rest).flatten().to(device),
         )
-        mask = torch.ones(self.n_features_in_, dtype=torch.bool)
-        mask[covered] = False
-        return covered.to(self._device), torch.nonzero(mask).flatten().to(self._device)
 
     def _probe(self, product) -> None:
         """One curvature product of a fixed probe: checks the data, counts, measures scale."""
         p = self.n_features_in_
         gen = torch.Generator().manual_seed(_PROBE_SEED)
         u = torch.randint(0, 2, (p,), generator=gen).to(_F64).mul_(2).sub_(1)
-        partial = self._cover is not None
+        partial = self._cover is not None and self._cover.rest.numel() > 0
         if partial:
-            u[self._cover[0].cpu()] = 0.0
+            u[self._cover.ours.cpu()] = 0.0
         u = u.to(self._device)
         Cu = product(u)
         c = float(u @ Cu.to(u.device)) / float(u @ u)
@@ -821,6 +870,8 @@ class IterativeIFVP(BaseEstimator):
                 None if pre is None else self._precondition,
                 max_iter=int(self.max_iter),
                 tol=float(self.tol),
+                rounding=torch.finfo(getattr(product, "dtype", _F64)).eps,
+                scale=abs(self.curvature_scale_) + damping,
                 progress=self._config.show_progress,
                 desc="IterativeIFVP CG",
             )
@@ -850,13 +901,15 @@ class IterativeIFVP(BaseEstimator):
         return result.X, info
 
     def _precondition(self, R: torch.Tensor) -> torch.Tensor:
-        pre = self.preconditioner_
-        if self._cover is None:
+        pre, cover = self.preconditioner_, self._cover
+        if cover is None:
             return torch.as_tensor(pre.transform(R)).to(device=R.device, dtype=_F64)
-        covered, rest = self._cover
-        Z = torch.empty_like(R)
-        Z[:, rest] = R[:, rest] * self.identity_scale_
-        Z[:, covered] = torch.as_tensor(pre.transform(R[:, covered])).to(R.device, _F64)
+        Z = R * self.identity_scale_  # the parameters it does not cover
+        inp = R[:, cover.ours]
+        if cover.its is not None:  # it covers parameters we do not have: zero there
+            inp = R.new_zeros(R.shape[0], cover.width).index_copy_(1, cover.its, inp)
+        out = torch.as_tensor(pre.transform(inp)).to(device=R.device, dtype=_F64)
+        Z[:, cover.ours] = out if cover.its is None else out[:, cover.its]
         return Z
 
     def _breakdown_error(self, exc: NotPositiveDefinite) -> ValueError:
@@ -890,6 +943,6 @@ class IterativeIFVP(BaseEstimator):
             f"IterativeIFVP met non-positive curvature: d^T (C + damping I) d = "
             f"{exc.value:.3g} for a search direction of {where}, with curvature="
             f"{self.curvature!r} and damping={self.damping!r}. Conjugate gradients need "
-            f"C + damping I positive definite, and {what} is not (or is singular to float64 "
-            f"precision). {advice}"
+            f"C + damping I positive definite, and {what} is not (or is singular to the "
+            f"precision of the products). {advice}"
         )
