@@ -973,6 +973,17 @@ class MeanLossHVP:
         ``v`` is one flat vector ``(p,)`` or a block ``(k, p)`` of them; the
         result has ``v``'s shape. A block costs one pass over the data too.
         """
+        return self.product_and_sum(v)[0]
+
+    def product_and_sum(
+        self, v: torch.Tensor, extra: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The product of ``v``, and ``extra`` summed over the ranks in the same all-reduce.
+
+        ``extra`` (any float64 tensor) rides along with the products, so an
+        iterative solver can agree on its own state across ranks without a
+        second collective per iteration. In one process it comes back as is.
+        """
         p = self.n_features
         if v.ndim not in (1, 2) or v.shape[-1] != p:
             raise ValueError(
@@ -993,7 +1004,10 @@ class MeanLossHVP:
         # one all-reduce. Distributed, an empty shard on one rank is fine (an
         # empty union is not), and a rank that fails makes every rank raise
         # instead of leaving the others waiting in the all-reduce.
-        total = torch.zeros(k * p + 2, dtype=torch.float64, device=self.device)
+        size = 0 if extra is None else extra.numel()
+        total = torch.zeros(k * p + size + 2, dtype=torch.float64, device=self.device)
+        if extra is not None:
+            total[k * p : k * p + size] = extra.reshape(-1)
         red, error = self._reducer, None
         try:
             self._pass(total, tangents, k if batched else 0)
@@ -1023,13 +1037,15 @@ class MeanLossHVP:
                 f"{V._owner(self.owner)}: 'data' yielded {count} examples in one pass and "
                 f"{self.n_samples} in the first; every pass must see the same data."
             )
-        out = total[:-2].div_(count).reshape(v.shape)
+        out = total[: k * p].div_(count).reshape(v.shape)
         if self.damping:
             out.add_(v.detach().to(device=self.device, dtype=torch.float64), alpha=self.damping)
-        return out.to(v.device)
+        if extra is not None:
+            extra = total[k * p : k * p + size].reshape(extra.shape).to(extra.device)
+        return out.to(v.device), extra
 
     def _pass(self, total: torch.Tensor, tangents: dict, k: int) -> None:
-        """Add this rank's ``sum_b H_b v`` to ``total[:-2]`` and its count to ``total[-2]``.
+        """Add this rank's ``sum_b H_b v`` to ``total[:k p]`` and its count to ``total[-2]``.
 
         ``k`` is the number of rows of a block (0 for a single vector).
         """

@@ -98,6 +98,7 @@ def batched_pcg(
     tol: float = 1e-6,
     rounding: float = _EPS64,
     scale: float = 0.0,
+    shared: bool = False,
     progress: bool = False,
     desc: str = "CG",
 ) -> PCGResult:
@@ -129,6 +130,13 @@ def batched_pcg(
     scale : float, default=0.0
         An estimate of ``||A||`` (e.g. its mean eigenvalue); the largest
         ``||A d|| / ||d||`` seen is used when larger.
+    shared : bool, default=False
+        Call ``matmat(D, state)`` instead, with ``state`` the ``(k, p + 1)``
+        float64 tensor ``[D | z^T r]``; it returns ``(A D, state')`` and the
+        recurrence continues from ``state'``. Across processes, ``matmat``
+        makes ``state'`` the same on every rank (rank 0's, in the all-reduce
+        of the products), so that a preconditioner whose rounding differs
+        between ranks cannot make their iterations diverge.
     progress : bool
         A tqdm bar over the iterations.
     desc : str
@@ -185,24 +193,28 @@ def batched_pcg(
     vnorm = norms[idx]
     R = V[idx].clone()
 
-    def preconditioned(R: torch.Tensor, iteration: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def preconditioned(R: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if precondition is None:
             return R, R.square().sum(1)
         Z = precondition(R).to(device=R.device, dtype=_F64)
-        rz = (R * Z).sum(1)
-        bad = ~(rz > 0)
-        if bool(bad.any()):
-            j = int(torch.nonzero(bad)[0, 0])
-            raise NotPositiveDefinite("preconditioner", int(idx[j]), iteration, float(rz[j]))
-        return Z, rz
+        return Z, (R * Z).sum(1)
 
-    Z, rz = preconditioned(R, 0)
+    Z, rz = preconditioned(R)
     D = Z.clone()
     norm = torch.linalg.vector_norm
     opnorm = float(scale)
     with tqdm(total=max_iter, desc=desc, disable=not progress, leave=False) as bar:
         for it in range(1, max_iter + 1):
-            Q = matmat(D).to(device=D.device, dtype=_F64)
+            if shared:
+                Q, state = matmat(D, torch.cat([D, rz.unsqueeze(1)], 1))
+                D, rz = state[:, :-1], state[:, -1]
+            else:
+                Q = matmat(D)
+            Q = Q.to(device=D.device, dtype=_F64)
+            bad = ~(rz > 0)
+            if bool(bad.any()):
+                j = int(torch.nonzero(bad)[0, 0])
+                raise NotPositiveDefinite("preconditioner", int(idx[j]), it - 1, float(rz[j]))
             if not all_finite(Q):
                 raise ValueError(
                     f"the curvature-vector product at iteration {it} is not finite (NaN or "
@@ -233,7 +245,7 @@ def batched_pcg(
                 idx, vnorm = idx[keep], vnorm[keep]
                 R, R_old, D, rz = R[keep], R_old[keep], D[keep], rz[keep]
             bar.set_postfix(active=int(idx.numel()), refresh=False)
-            Z, rz_new = preconditioned(R, it)
+            Z, rz_new = preconditioned(R)
             if precondition is None:
                 beta = rz_new / rz
             else:
@@ -804,16 +816,48 @@ class IterativeIFVP(BaseEstimator):
             iterations, with the residual reached.
         """
         info: dict = {}
+        reached = [False]  # whether this rank got to the collective agreement
 
         def run(flat):
-            X, details = self._solve_flat(flat)
+            X, details = self._solve_flat(flat, reached)
             info.update(details)
             return X
 
-        return self._apply(vectors, run, same_layout=True), info
+        try:
+            return self._apply(vectors, run, same_layout=True), info
+        except Exception:
+            red = self._collective()
+            if red is not None and not reached[0]:
+                # This rank failed before the collective: tell the others, which
+                # would otherwise wait for it, then raise its own error.
+                red.agree("IterativeIFVP.transform", failed=True)
+            raise
+
+    def transform(self, vectors):
+        """Solve ``(C + damping I) X = V``: ``solve(vectors)[0]``.
+
+        Parameters
+        ----------
+        vectors : ndarray, torch.Tensor of shape (m, n_features), or dict
+            Flat vectors, or a dict ``name -> (m, *shape)`` keyed like
+            ``param_shapes_``.
+
+        Returns
+        -------
+        ndarray, torch.Tensor or dict
+            In the container and shapes of ``vectors``, in ``config.dtype``.
+        """
+        return self.solve(vectors)[0]
 
     def _transform(self, V: torch.Tensor) -> torch.Tensor:
-        return self._solve_flat(V)[0]
+        return self._solve_flat(V, [False])[0]
+
+    def _collective(self):
+        """The active reducer of a distributed model-mode fit, else None."""
+        binding = self.__dict__.get("_binding")
+        if binding is None or not binding.product._reducer.active:
+            return None
+        return binding.product._reducer
 
     def _product(self):
         if self.gradients_ is not None:
@@ -828,41 +872,62 @@ class IterativeIFVP(BaseEstimator):
             )
         return binding.product, binding
 
-    def _solve_flat(self, V: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        if not all_finite(V):
-            raise ValueError("Input X contains NaN or infinity.")
+    def _solve_flat(self, V: torch.Tensor, reached: list) -> tuple[torch.Tensor, dict]:
         product, binding = self._product()
+        finite = all_finite(V)
         if binding is None:
-            return self._run(product, V, reducer(ComputeConfig(distributed=False)))
+            if not finite:
+                raise ValueError("Input X contains NaN or infinity.")
+            return self._run(product, V, None)
         with self._lock:
-            live = select_params(binding.model, self.params, self)
-            changed = checksum_differences(
-                parameter_checksum(live), self.param_checksum_, list(self.param_shapes_)
-            )
-            if changed or list(live) != list(self.param_shapes_):
-                raise ValueError(
-                    f"The values of the model's parameters {changed or list(live)} changed "
-                    "since IterativeIFVP was fitted (the model is kept by reference, and its "
-                    "preconditioner and checksum are those of the fitted values). Fit it again "
-                    "on the current model."
+            error = None if finite else ValueError("Input X contains NaN or infinity.")
+            if error is None:
+                live = select_params(binding.model, self.params, self)
+                changed = checksum_differences(
+                    parameter_checksum(live), self.param_checksum_, list(self.param_shapes_)
                 )
+                if changed or list(live) != list(self.param_shapes_):
+                    error = ValueError(
+                        f"The values of the model's parameters {changed or list(live)} changed "
+                        "since IterativeIFVP was fitted (the model is kept by reference, and "
+                        "its preconditioner and checksum are those of the fitted values). Fit "
+                        "it again on the current model."
+                    )
             red = product._reducer
             if red.active:
+                reached[0] = True
+                V = V.to(_F64)
                 red.agree(
                     "IterativeIFVP.transform",
                     shape=tuple(V.shape),
-                    fingerprint=(float(V.double().sum()), float(V.double().square().sum())),
+                    fingerprint=(float(V.sum()), float(V.square().sum())),
+                    failed=error is not None,
                 )
+            if error is not None:
+                raise error
+            if red.active:  # from here on every rank works on rank 0's bits
+                V = V.to(device=self._device).contiguous()
+                red.broadcast_(V)
             return self._run(product, V, red)
 
     def _run(self, product, V: torch.Tensor, red) -> tuple[torch.Tensor, dict]:
         damping = float(self.damping)
-
-        def matmat(D):
-            Q = product(D)
-            return Q.add_(D, alpha=damping) if damping else Q
-
         pre = self.preconditioner_
+        # Distributed and preconditioned: the CG state rides in the products' all-reduce
+        # (rank 0's values; zeros from the others), so every rank continues from the same
+        # bits although a preconditioner's rounding may differ between processes.
+        shared = red is not None and red.active and pre is not None
+
+        def matmat(D, state=None):
+            if not shared:
+                Q = product(D)
+                return Q.add_(D, alpha=damping) if damping else Q
+            mine = state if red.rank == 0 else torch.zeros_like(state)
+            Q, agreed = product.product_and_sum(D, mine)
+            if damping:
+                Q.add_(agreed[:, :-1], alpha=damping)
+            return Q, agreed
+
         try:
             result = batched_pcg(
                 matmat,
@@ -872,6 +937,7 @@ class IterativeIFVP(BaseEstimator):
                 tol=float(self.tol),
                 rounding=torch.finfo(getattr(product, "dtype", _F64)).eps,
                 scale=abs(self.curvature_scale_) + damping,
+                shared=shared,
                 progress=self._config.show_progress,
                 desc="IterativeIFVP CG",
             )

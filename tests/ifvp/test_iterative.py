@@ -575,6 +575,9 @@ class _Doubling(dist_mod.Reducer):
     def agree(self, *args, **kwargs):
         self.calls.append("agree")
 
+    def broadcast_(self, tensor, src=0):
+        self.calls.append("broadcast")
+
 
 def test_one_all_reduce_per_iteration(monkeypatch):
     model, (X, y) = mlp(), classification_data()
@@ -587,7 +590,123 @@ def test_one_all_reduce_per_iteration(monkeypatch):
     assert calls == [1] and est.n_samples_ == 24  # the probe: one tensor, counts doubled
     calls.clear()
     got, info = est.solve(V)
-    # one small agreement on the vectors, then one collective of one tensor per iteration
-    assert calls == ["agree"] + [1] * int(info["n_iter"].max())
+    # the ranks agree on the vectors and take rank 0's, then one all-reduce of one tensor
+    # per iteration
+    assert calls == ["agree", "broadcast"] + [1] * int(info["n_iter"].max())
     assert (info["n_iter"] == want_info["n_iter"]).all()
     assert_close(got, want, rtol=1e-12)
+
+
+# ----------------------------------------------------------------- torch.distributed (gloo)
+DIST_N, DIST_BATCH = 11, 3
+DIST_SIZES = {"two": [7, 4], "three": [6, 0, 5]}
+
+
+def _dist_fits(rank: int, world: int, sizes, distributed=True) -> dict:
+    """Every rank fits on its shard and solves the same vectors; the parent, on all of it."""
+    cfg = ak.ComputeConfig(
+        dtype="float64", batch_size=DIST_BATCH, progress=False, distributed=distributed
+    )
+    X, y = classification_data(n=DIST_N, d=4, classes=3, seed=3)
+    lo = sum(sizes[:rank])
+    shard = (X[lo : lo + sizes[rank]], y[lo : lo + sizes[rank]])
+    model = mlp(d=4, hidden=5, out=3, seed=1)
+    runs = {
+        "ggn": dict(damping=0.05),
+        "ggn-ekfac": dict(damping=0.05, preconditioner=ak.EKFACIFVP(damping=0.05)),
+        "ggn-explicit-subset": dict(
+            damping=0.05, preconditioner=ak.ExplicitIFVP(damping=0.05, params=["2.weight"])
+        ),
+        "hessian": dict(damping=1.0, curvature="hessian"),
+    }
+    out = {}
+    for name, kwargs in runs.items():
+        est = ak.IterativeIFVP(config=cfg, tol=1e-12, max_iter=300, **kwargs).fit(model, shard)
+        X_out, info = est.solve(probe(est.n_features_in_))
+        out[f"{name}/X"] = X_out
+        out[f"{name}/n_iter"] = info["n_iter"].tolist()
+        out[f"{name}/n"] = est.n_samples_
+        out[f"{name}/scale"] = torch.tensor(est.identity_scale_)
+    return out
+
+
+def _dist_failures(rank: int, world: int, arg) -> dict:
+    cfg = ak.ComputeConfig(dtype="float64", batch_size=DIST_BATCH, progress=False)
+    X, y = classification_data(n=DIST_N, d=4, classes=3, seed=3)
+    model = mlp(d=4, hidden=5, out=3, seed=1)
+    out = {}
+    bad = (X[:4], y[:4]) if rank == 0 else (X[4:8], y[4:7])  # 4 inputs, 3 targets on rank 1
+    try:
+        ak.IterativeIFVP(damping=0.1, config=cfg).fit(model, bad)
+        out["bad-data"] = ("ok", "")
+    except Exception as exc:
+        out["bad-data"] = (type(exc).__name__, str(exc))
+    shard = (X[:6], y[:6]) if rank == 0 else (X[6:], y[6:])
+    est = ak.IterativeIFVP(damping=0.1, config=cfg).fit(model, shard)
+    V = probe(est.n_features_in_)
+    invalid = V if rank == 0 else torch.zeros(3, est.n_features_in_ + 1, dtype=torch.float64)
+    for key, vectors in (("other-vectors", V + rank), ("invalid", invalid), ("after", V)):
+        try:
+            out[key] = ("ok", est.transform(vectors))
+        except Exception as exc:
+            out[key] = (type(exc).__name__, str(exc))
+    return out
+
+
+def _dist_worker(rank, plan, out_dir):
+    import test_distributed
+
+    test_distributed.CASES["iterative"] = _dist_fits
+    test_distributed.CASES["iterative-failures"] = _dist_failures
+    test_distributed._worker(rank, plan, out_dir)
+
+
+@pytest.fixture(scope="module")
+def dist_session(tmp_path_factory):
+    from test_distributed import PG_TIMEOUT, run_phases
+
+    phases = [
+        ("two", 2, PG_TIMEOUT, "iterative", DIST_SIZES["two"]),
+        ("three", 3, PG_TIMEOUT, "iterative", DIST_SIZES["three"]),
+        ("failures", 2, PG_TIMEOUT, "iterative-failures", None),
+    ]
+    return run_phases(phases, tmp_path_factory.mktemp("iterative-ranks"), target=_dist_worker)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("phase", ["two", "three"], ids=["2-ranks-uneven", "3-ranks-one-empty"])
+def test_distributed_solve_equals_one_process(dist_session, phase):
+    from test_distributed import ok
+
+    ranks = ok(dist_session[phase])
+    ref = _dist_fits(0, 1, [DIST_N], distributed=False)
+    for got in ranks:
+        for key, want in ref.items():
+            if key.endswith("/n_iter"):
+                # Sums in another order: a row may cross tol=1e-12 one iteration apart.
+                assert all(abs(a - b) <= 1 for a, b in zip(got[key], want)), (key, got[key])
+            elif isinstance(want, torch.Tensor):
+                assert_close(got[key], want, rtol=1e-10)
+            else:
+                assert got[key] == want, (key, got[key], want)
+        for key, value in got.items():  # the ranks agree exactly: same decisions, same bits
+            same = torch.equal if isinstance(value, torch.Tensor) else (lambda a, b: a == b)
+            assert same(value, ranks[0][key]), key
+
+
+@pytest.mark.slow
+def test_distributed_failures_raise_on_every_rank(dist_session):
+    from test_distributed import ok
+
+    rank0, rank1 = ok(dist_session["failures"])
+    assert rank1["bad-data"][0] == "ValueError" and "as many targets" in rank1["bad-data"][1]
+    assert rank0["bad-data"][0] == "RuntimeError" and "rank" in rank0["bad-data"][1]
+    for got in (rank0, rank1):  # different vectors on the ranks: every rank refuses
+        kind, message = got["other-vectors"]
+        assert kind == "ValueError" and "same arguments" in message, (kind, message)
+    kind, message = rank1["invalid"]  # invalid input on rank 1 only
+    assert kind == "ValueError" and "features" in message, (kind, message)
+    kind, message = rank0["invalid"]
+    assert kind == "ValueError" and "rank(s) [1] failed before" in message, (kind, message)
+    assert rank0["after"][0] == rank1["after"][0] == "ok"  # the group is still in step
+    assert torch.equal(rank0["after"][1], rank1["after"][1])
