@@ -353,9 +353,14 @@ class IterativeIFVP(BaseEstimator):
         ``None`` (an EK-FAC with ``layers=None`` covers the modules all of
         whose parameters are in ``params``), and this estimator's ``config``
         when its own is ``None``; its other hyper-parameters (damping,
-        ``fisher``) are used as given: ``fisher="expected"`` and
-        ``damping=`` this ``damping`` match ``curvature="ggn"`` best. The
-        object passed is never modified; the fitted clone is
+        ``fisher``) are used as given. Its damping need not be this one, and
+        on networks a larger one preconditions better: EK-FAC
+        (``fisher="expected"``) underestimates curvature in many directions,
+        which its inverse then amplifies up to ``1 / damping``. On the
+        benchmark's digits MLPs (``damping=1e-3``), EK-FAC with
+        ``damping=0.1`` cut the passes by 15-20%, while with ``1e-3`` it
+        needed 40% more than plain CG; on softmax regression both helped
+        (30%). The object passed is never modified; the fitted clone is
         ``preconditioner_``. Fitted, it is used as given (parameters it
         shares with this estimator's layout must have the same shapes). It
         must be symmetric positive definite (any IFVP with ``damping > 0``
@@ -467,17 +472,20 @@ class IterativeIFVP(BaseEstimator):
 
     **Distributed.** With ``config.distributed`` on and a process group of
     ``W > 1`` ranks, ``fit`` and ``solve``/``transform`` are collective:
-    each rank passes its own shard of the data to ``fit``, and every rank
-    must call ``transform`` with the same vectors (checked: one small
-    all-gather per call). Each iteration all-reduces one tensor (the
-    products' sums and the example count), so every rank ends with the
-    single-process solution to rounding. As for ArnoldiProjector, the ranks'
-    iterations stay in step as long as they run the same torch build with
-    the same thread count (every decision is made on all-reduced numbers and
-    on the preconditioner, whose fitted state is identical on every rank);
-    a preconditioner whose ``transform`` communicates (DataInfIFVP) adds its
-    own collective per iteration. A rank that fails makes every rank raise.
-    Array-mode fits stay local.
+    each rank passes its own shard of the data to ``fit`` (uneven shards and
+    an empty one are fine), and every rank must call ``transform`` with the
+    same vectors (checked to ``1e-8`` by one small all-gather per call, after
+    which rank 0's vectors are broadcast). Each iteration then all-reduces
+    ONE tensor: the products' sums and the example count, plus, with a
+    preconditioner, the new search directions and ``z^T r`` of rank 0 (zeros
+    from the others: twice the payload), so every rank continues from the
+    same bits even where a preconditioner's BLAS rounding differs between
+    processes; every rank ends with the single-process solution to rounding
+    (summed in another order, a row may stop one iteration apart from one
+    process's run) and all ranks with exactly the same result. A
+    preconditioner whose ``transform`` communicates (DataInfIFVP) adds its
+    own collective per iteration. A rank that fails (bad data, bad input)
+    makes every rank raise instead of hanging. Array-mode fits stay local.
 
     References
     ----------
