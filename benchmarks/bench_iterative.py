@@ -22,9 +22,12 @@ over the data of the solve (the most any row needed; the median row's in
 brackets); ``fit s``: the fit (the EK-FAC fit, the probe pass); ``solve s``:
 the solve; ``x epoch``: solve time / one forward+backward epoch of the same
 model on the same data and batches (mean loss, parameter gradients, as in
-training); ``x epoch / row``: that ratio divided by the number of test
-gradients. Repetitions are interleaved: epoch, then each method, then epoch;
-a ratio uses the mean of the two epochs around it; medians over repetitions.
+training), in wall-clock time and in this process's CPU time (``x epoch
+CPU``: less sensitive to other jobs on a shared machine); ``CPU x epoch / row
+/ iter``: the CPU ratio per test gradient and iteration, the cost of one
+row's curvature-vector product in epochs. Repetitions are interleaved: epochs, then each method followed by
+epochs; a ratio uses the mean of the epoch times (each the median of 5
+epochs) just before and after the solve; medians over repetitions.
 The machine is shared and noisy: read the ratios and iteration counts (exact,
 the same every run), not the seconds.
 
@@ -114,9 +117,16 @@ def epoch(model, data):
 
 
 def timed(fn):
-    start = time.perf_counter()
+    """``((wall s, process CPU s), fn())``."""
+    wall, cpu = time.perf_counter(), time.process_time()
     out = fn()
-    return time.perf_counter() - start, out
+    return (time.perf_counter() - wall, time.process_time() - cpu), out
+
+
+def epoch_time(model, data, repeats=5):
+    """Median wall and CPU time of a few epochs: an epoch takes milliseconds, a solve seconds."""
+    samples = [timed(lambda: epoch(model, data))[0] for _ in range(repeats)]
+    return tuple(statistics.median(t[i] for t in samples) for i in range(2))
 
 
 METHODS = {
@@ -132,11 +142,11 @@ def run_case(name, make, rows, repeats):
     V = ak.per_example_gradients(model, test, config=cfg)
     case = f"{name}: p={p:,} n={len(train[0]):,} m={rows} tol={tol:g}"
     print(case, flush=True)
-    samples = {m: {"fit": [], "solve": [], "ratio": []} for m in METHODS}
+    samples = {m: {"fit": [], "solve": [], "ratio": [], "cpu": []} for m in METHODS}
     iters = {}
     epoch(model, train)  # warm-up
     for _ in range(repeats):
-        before, _ = timed(lambda: epoch(model, train))
+        before = epoch_time(model, train)
         for method, pre_damping in METHODS.items():
             pre = None
             if pre_damping is not None:
@@ -148,15 +158,16 @@ def run_case(name, make, rows, repeats):
             with warnings.catch_warnings():
                 warnings.simplefilter("error", ConvergenceWarning)
                 solve_s, (_, info) = timed(lambda: est.solve(V))
-            after, _ = timed(lambda: epoch(model, train))
-            samples[method]["fit"].append(fit_s)
-            samples[method]["solve"].append(solve_s)
-            samples[method]["ratio"].append(solve_s / ((before + after) / 2))
+            after = epoch_time(model, train)
+            samples[method]["fit"].append(fit_s[0])
+            samples[method]["solve"].append(solve_s[0])
+            for k, key in enumerate(("ratio", "cpu")):
+                samples[method][key].append(solve_s[k] / ((before[k] + after[k]) / 2))
             iters[method] = (int(info["n_iter"].max()), int(np.median(info["n_iter"])))
             before = after
     out = []
     for method, s in samples.items():
-        ratio = statistics.median(s["ratio"])
+        ratio, cpu = statistics.median(s["ratio"]), statistics.median(s["cpu"])
         most, median = iters[method]
         out.append(
             {
@@ -166,7 +177,8 @@ def run_case(name, make, rows, repeats):
                 "fit_s": statistics.median(s["fit"]),
                 "solve_s": statistics.median(s["solve"]),
                 "x_epoch": ratio,
-                "x_epoch_row": ratio / rows,
+                "x_epoch_cpu": cpu,
+                "x_epoch_row_iter": cpu / rows / most,
             }
         )
         case = ""
@@ -184,7 +196,7 @@ def main():
     print_table(
         "IterativeIFVP, CPU, 2 threads: conjugate gradients on the exact Gauss-Newton matrix + "
         "1e-3 I (iters: passes over the data, most rows (median row); x epoch: solve time / "
-        "one forward+backward epoch; medians of interleaved repetitions)",
+        "one forward+backward epoch, wall and CPU; medians of interleaved repetitions)",
         rows,
         [
             ("case", "case", ""),
@@ -193,7 +205,8 @@ def main():
             ("fit_s", "fit s", "{:.2f}"),
             ("solve_s", "solve s", "{:.2f}"),
             ("x_epoch", "x epoch", "{:.0f}"),
-            ("x_epoch_row", "x epoch / row", "{:.1f}"),
+            ("x_epoch_cpu", "x epoch CPU", "{:.0f}"),
+            ("x_epoch_row_iter", "CPU x epoch / row / iter", "{:.2f}"),
         ],
     )
 

@@ -270,7 +270,8 @@ class _Cover(NamedTuple):
 
     ``ours``: our columns it covers, in its order; ``its``: their columns in
     its flat layout (``None`` when it covers nothing else), ``width`` its
-    ``n_features_in_``; ``rest``: our columns it does not cover.
+    ``n_features_in_``; ``rest``: our columns it does not cover. Kept as a
+    plain dict (``_asdict``), whose tensors ``to()`` and pickling move.
     """
 
     ours: torch.Tensor
@@ -654,7 +655,8 @@ class IterativeIFVP(BaseEstimator):
             else:  # the layout of the dict this estimator was fitted on
                 pre.fit(split(G, self.param_shapes_))
         self.preconditioner_ = pre
-        self._cover = self._map_layout(pre)
+        cover = self._map_layout(pre)
+        self._cover = None if cover is None else dict(cover._asdict())
 
     def _map_layout(self, pre) -> _Cover | None:
         """Where the preconditioner's layout meets this estimator's; ``None`` if they are equal."""
@@ -708,9 +710,9 @@ class IterativeIFVP(BaseEstimator):
         p = self.n_features_in_
         gen = torch.Generator().manual_seed(_PROBE_SEED)
         u = torch.randint(0, 2, (p,), generator=gen).to(_F64).mul_(2).sub_(1)
-        partial = self._cover is not None and self._cover.rest.numel() > 0
+        partial = self._cover is not None and self._cover["rest"].numel() > 0
         if partial:
-            u[self._cover.ours.cpu()] = 0.0
+            u[self._cover["ours"].cpu()] = 0.0
         u = u.to(self._device)
         Cu = product(u)
         c = float(u @ Cu.to(u.device)) / float(u @ u)
@@ -976,6 +978,8 @@ class IterativeIFVP(BaseEstimator):
 
     def _precondition(self, R: torch.Tensor) -> torch.Tensor:
         pre, cover = self.preconditioner_, self._cover
+        if cover is not None:
+            cover = _Cover(**cover)
         if cover is None:
             return torch.as_tensor(pre.transform(R)).to(device=R.device, dtype=_F64)
         Z = R * self.identity_scale_  # the parameters it does not cover
