@@ -25,9 +25,10 @@ model on the same data and batches (mean loss, parameter gradients, as in
 training), in wall-clock time and in this process's CPU time (``x epoch
 CPU``: less sensitive to other jobs on a shared machine); ``CPU x epoch / row
 / iter``: the CPU ratio per test gradient and iteration, the cost of one
-row's curvature-vector product in epochs. Repetitions are interleaved: epochs, then each method followed by
-epochs; a ratio uses the mean of the epoch times (each the median of 5
-epochs) just before and after the solve; medians over repetitions.
+row's curvature-vector product in epochs. Repetitions are interleaved:
+epochs, then each method followed by epochs; a ratio uses the mean of the
+epoch times (each the median of 5 epochs) just before and after the solve;
+medians over repetitions.
 The machine is shared and noisy: read the ratios and iteration counts (exact,
 the same every run), not the seconds.
 
