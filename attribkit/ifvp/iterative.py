@@ -323,8 +323,8 @@ class IterativeIFVP(BaseEstimator):
     ``p x p`` matrix fits) at any model size, for the cost of a few dozen to
     a few hundred passes per block of test vectors; a preconditioner such as
     an EK-FAC inverse cuts the passes needed (Martens, 2010; Grosse et al.,
-    2023). dattri's CG influence function (Koh & Liang, 2017) is the
-    unpreconditioned, one-vector-at-a-time version of it.
+    2023). dattri's ``ihvp_cg`` (conjugate gradients on Hessian-vector
+    products, Koh & Liang, 2017) is its unpreconditioned Hessian version.
 
     Parameters
     ----------
@@ -359,9 +359,9 @@ class IterativeIFVP(BaseEstimator):
         (``fisher="expected"``) underestimates curvature in many directions,
         which its inverse then amplifies up to ``1 / damping``. On the
         benchmark's digits MLPs (``damping=1e-3``), EK-FAC with
-        ``damping=0.1`` cut the passes by 15-20%, while with ``1e-3`` it
-        needed 40% more than plain CG; on softmax regression both helped
-        (30%). The object passed is never modified; the fitted clone is
+        ``damping=0.1`` cut the passes by 13-17%, while with ``1e-3`` it
+        needed 40-45% more than plain CG; on softmax regression both cut
+        them (by 20-30%). The object passed is never modified; the fitted clone is
         ``preconditioner_``. Fitted, it is used as given (parameters it
         shares with this estimator's layout must have the same shapes). It
         must be symmetric positive definite (any IFVP with ``damping > 0``

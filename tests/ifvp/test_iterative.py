@@ -195,6 +195,25 @@ def test_array_mode_exact_inverse_as_preconditioner_converges_in_one_iteration()
     assert not hasattr(exact, "n_features_in_")  # the user's object is left unfitted
 
 
+def test_pipeline_and_influence_in_array_mode():
+    from sklearn.pipeline import make_pipeline
+
+    g = torch.Generator().manual_seed(4)
+    G = torch.randn(40, 30, generator=g, dtype=torch.float64)
+    test = torch.randn(3, 30, generator=g, dtype=torch.float64)
+    cfg = F64
+    pipe = make_pipeline(
+        ak.RandomProjector(proj_dim=8, config=cfg),
+        ak.IterativeIFVP(damping=0.1, config=cfg, tol=1e-12),
+    ).fit(G.numpy())
+    projected = pipe[0].transform(G)
+    want = dense_solve(projected.T @ projected / 40, 0.1, pipe[0].transform(test))
+    assert_close(pipe.transform(test.numpy()), want, rtol=1e-10)
+    scores = ak.influence(pipe, G, test)
+    assert_close(scores, want @ projected.T, rtol=1e-10)
+    assert pipe.get_params()["iterativeifvp__damping"] == 0.1
+
+
 def test_containers_model_mode():
     model, (X, y) = mlp(), classification_data()
     est = ak.IterativeIFVP(damping=0.05, config=F64, **TIGHT).fit(model, (X, y))
