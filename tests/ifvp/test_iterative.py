@@ -307,6 +307,9 @@ def test_preconditioner_on_a_parameter_subset_and_identity_elsewhere():
     c = float(u @ G @ u / (u @ u))
     assert est.curvature_scale_ == pytest.approx(c, rel=1e-10)
     assert est.identity_scale_ == pytest.approx(1 / (c + damping), rel=1e-10)
+    # The mapping of the layouts survives pickling (with attach) and to().
+    loaded = pickle.loads(pickle.dumps(est)).attach(model, (X, y))
+    assert_close(loaded.to("cpu").transform(V), est.transform(V), rtol=1e-12)
 
 
 def test_datainf_preconditioner_and_params_passed_on():
