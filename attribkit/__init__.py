@@ -5,7 +5,7 @@ from ._scores import influence, self_influence
 from .base import BaseEstimator
 from .config import ComputeConfig
 from .gradients import per_example_gradients
-from .ifvp import EKFACIFVP, DataInfIFVP, ExplicitIFVP
+from .ifvp import EKFACIFVP, DataInfIFVP, ExplicitIFVP, IterativeIFVP
 from .persistence import load, save
 from .projection import ArnoldiProjector, KroneckerProjector, RandomProjector
 
@@ -22,6 +22,7 @@ __all__ = [
     "ExplicitIFVP",
     "DataInfIFVP",
     "EKFACIFVP",
+    "IterativeIFVP",
     # helpers
     "per_example_gradients",
     "influence",

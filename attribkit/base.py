@@ -34,7 +34,8 @@ from sklearn.utils.validation import (
 from torch.utils._pytree import tree_map
 
 from ._compute import validation as V
-from ._compute.distributed import fingerprints, reducer
+from ._compute.checksum import fingerprints
+from ._compute.distributed import reducer
 from ._compute.gradients import iter_gradients, layout_params
 from ._compute.guard import use_model
 from ._compute.model import autograd_on
@@ -249,7 +250,7 @@ class BaseEstimator(sklearn.base.TransformerMixin, sklearn.base.BaseEstimator):
         ``dtype`` only: device index, progress, memory budget and batch size
         may differ per rank without changing the fit), ``param_shapes_`` and
         the names, shapes and dtypes of the model's parameters and buffers;
-        to :data:`~attribkit._compute.distributed.FINGERPRINT_RTOL`: a float64
+        to :data:`~attribkit._compute.checksum.FINGERPRINT_RTOL`: a float64
         fingerprint of all their values (every value can change the curvature
         of the covered ones).
         """

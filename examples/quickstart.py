@@ -10,9 +10,10 @@ UCI handwritten digits: 8x8 images, nothing is downloaded):
    weight decay ``1e-3 / 2 * ||theta||^2``;
 2. fit every attribkit estimator (ExplicitIFVP with the expected and the
    empirical Fisher, EKFACIFVP, DataInfIFVP, ArnoldiProjector, RandomProjector
-   + ExplicitIFVP as a TRAK-style projected method) and the plain gradient dot
-   product, and score every training example for a set of test digits with
-   ``ak.influence``;
+   + ExplicitIFVP as a TRAK-style projected method, IterativeIFVP's conjugate
+   gradients on the exact Gauss-Newton matrix, plain and preconditioned by
+   EK-FAC) and the plain gradient dot product, and score every training example
+   for a set of test digits with ``ak.influence``;
 3. show, for a handful of test digits (a misclassified one among them), the
    training digits that helped (proponents) and hurt (opponents) most;
 4. check the scores against the ground truth of retraining, with
@@ -64,6 +65,10 @@ from attribkit.evaluation import lds, loo_correlation
 LAMBDA = 1e-3  # the weight decay of both models, and the damping of the estimators
 EXACT = "exact Hessian (H + λI)⁻¹"  # the limit: dense Hessian of the trained objective
 CFG = ak.ComputeConfig(dtype="float64", batch_size=512)
+CG = "IterativeIFVP(ggn)"
+CG_EKFAC = "IterativeIFVP(ggn) + EK-FAC precond."
+#: row name -> CG iterations (passes over the data) of an IterativeIFVP row, per model.
+ITERATIONS: dict = {}
 
 
 # ----------------------------------------------------------------------------- data
@@ -222,6 +227,17 @@ def attribution_methods():
         ).fit(G)
         return ak.influence(pipe, G, G_test)
 
+    def iterative(name, preconditioner):
+        def run(model, train, G, G_test):
+            cg = ak.IterativeIFVP(
+                damping=LAMBDA, preconditioner=preconditioner, max_iter=300, config=CFG
+            )
+            X, info = cg.fit(model, train).solve(G_test)
+            ITERATIONS.setdefault(name, []).append(int(info["n_iter"].max()))
+            return X @ G.T  # what ak.influence(cg, G, G_test) computes
+
+        return run
+
     def dot(model, train, G, G_test):
         return G_test @ G.T
 
@@ -234,13 +250,22 @@ def attribution_methods():
             ("DataInfIFVP", datainf),
             ("ArnoldiProjector(k=200)", arnoldi),
             ("RandomProjector(512) + ExplicitIFVP", projected),
+            (CG, iterative(CG, None)),
+            # A preconditioner damps more than the curvature it preconditions: with
+            # damping=LAMBDA, EK-FAC's underestimated directions are amplified 1000x and
+            # CG on the MLP needs more passes than without it (benchmarks/bench_iterative.py).
+            (CG_EKFAC, iterative(CG_EKFAC, ak.EKFACIFVP(damping=0.1, fisher="expected"))),
             ("gradient dot product", dot),
         ]
     )
 
 
 def score_all(kind, model, train, test, progress, skip=()):
-    """Scores of every method (but those in ``skip``), its wall time, the gradients."""
+    """Scores of every method (but those in ``skip``), its wall time, the gradients.
+
+    The IterativeIFVP rows also record their iterations (the passes over the
+    training data their solve took) in ``ITERATIONS``.
+    """
     t0 = time.perf_counter()
     G = ak.per_example_gradients(model, train, config=CFG)
     G_test = ak.per_example_gradients(model, test, config=CFG)
@@ -524,12 +549,14 @@ def main(argv=None):
 
     header = (
         f"{'method':38s} {'LOO Pearson':>11s} {'LOO Spearman':>12s} {'LDS':>6s} "
-        f"{'LDS MLP':>8s} {'time (s)':>9s} {'time MLP':>9s}"
+        f"{'LDS MLP':>8s} {'time (s)':>9s} {'time MLP':>9s} {'CG iters':>9s}"
     )
     print(
         f"\nResults: means over {n_eval} test digits; LOO over {len(removed)} removed "
         f"training points (logistic model); LDS over {n_subsets} (logistic) and "
-        f"{n_mlp_subsets} (MLP) half-size subsets; time = fit + scores"
+        f"{n_mlp_subsets} (MLP) half-size subsets; time = fit + scores; CG iters = passes "
+        "over the training data of IterativeIFVP's solve to relative residual 1e-6 "
+        "(logistic / MLP)"
     )
     print(header)
     print("-" * len(header))
@@ -540,10 +567,11 @@ def main(argv=None):
             else (f"{'-':>8s}")
         )
         mlp_time = f"{all_times['mlp'][name]:9.2f}" if name in all_times["mlp"] else f"{'-':>9s}"
+        iters = " / ".join(str(n) for n in ITERATIONS[name]) if name in ITERATIONS else "-"
         print(
             f"{name:38s} {np.nanmean(r_pearson[name]):11.3f} {np.nanmean(rho[name]):12.3f} "
             f"{np.nanmean(lds_values['logistic'][name]):6.3f} {mlp_lds} "
-            f"{all_times['logistic'][name]:9.2f} {mlp_time}"
+            f"{all_times['logistic'][name]:9.2f} {mlp_time} {iters:>9s}"
         )
 
     # ---------------------------------------------------------------- 6. figures

@@ -101,58 +101,6 @@ def damped_fisher(G: torch.Tensor, damping: float) -> torch.Tensor:
     return empirical_fisher(G) + damping * torch.eye(G.shape[1], dtype=D64)
 
 
-def _flat_state(model, params=None):
-    """``(theta, state_of)``: the named parameters (model order) flat, and ``theta -> state``."""
-    named = dict(model.named_parameters())
-    names = [n for n in named if params is None or n in params]
-    shapes = [named[n].shape for n in names]
-    fixed = {n: p.detach() for n, p in named.items() if n not in names}
-    theta = torch.cat([named[n].detach().reshape(-1) for n in names])
-
-    def state_of(v):
-        state, i = dict(fixed), 0
-        for n, s in zip(names, shapes):
-            state[n] = v[i : i + s.numel()].reshape(s)
-            i += s.numel()
-        return state
-
-    return theta, state_of
-
-
-def dense_hessian(model, X, y, loss="cross_entropy", params=None):
-    """Hessian of the mean loss over ``(X, y)`` in the named parameters (model order)."""
-    theta, state_of = _flat_state(model, params)
-
-    def f(v):
-        out = functional_call(model, state_of(v), (X,))
-        if loss == "mse":
-            return torch.nn.functional.mse_loss(out, y)
-        return torch.nn.functional.cross_entropy(out, y)
-
-    return hessian(f)(theta)
-
-
-def dense_gauss_newton(model, X, loss):
-    """``(1/n) sum_i J_i^T H_i J_i``: J_i the output Jacobian, H_i the loss Hessian in outputs."""
-    theta, state_of = _flat_state(model)
-    total = 0.0
-    for i in range(X.shape[0]):
-        x = X[i : i + 1]
-
-        def f(t, x=x):
-            return functional_call(model, state_of(t), (x,))[0]
-
-        J = jacrev(f)(theta)  # (C, p)
-        out = f(theta).detach()
-        if loss == "cross_entropy":
-            p = torch.softmax(out, 0)
-            H = torch.diag(p) - torch.outer(p, p)
-        else:  # per-example MSE averages over the D outputs: Hessian (2 / D) I
-            H = (2.0 / out.numel()) * torch.eye(out.numel(), dtype=out.dtype)
-        total = total + J.T @ H @ J
-    return total / X.shape[0]
-
-
 def true_fisher_moments_ce(model, X):
     """Exact ``E_{y~p}[g g^T]`` over inputs of a softmax model, and the per-sample variance."""
     with torch.no_grad():
@@ -360,3 +308,65 @@ def assert_close(actual, expected, rtol=None, atol=0.0):
     scale = expected.abs().max().clamp_min(1e-300)
     err = (actual - expected).abs().max()
     assert err <= rtol * scale + atol, f"max abs err {err:.3e} > rtol {rtol:g} * {scale:.3e}"
+
+
+def _flat_parameters(model, params=None):
+    """Flat float64 values of the selected parameters and ``theta -> {name: tensor}``."""
+    named = dict(model.named_parameters())
+    names = [n for n, p in named.items() if p.requires_grad] if params is None else params
+    names = [n for n in named if n in names]  # model order
+    shapes = [named[n].shape for n in names]
+    theta = torch.cat([named[n].detach().reshape(-1) for n in names])
+
+    def unflatten(t):
+        parts = torch.split(t, [s.numel() for s in shapes])
+        state = {n: p.detach() for n, p in named.items()}
+        state.update({n: q.reshape(s) for n, q, s in zip(names, parts, shapes)})
+        return state
+
+    return theta, unflatten
+
+
+def _per_example_loss(loss):
+    """The per-example loss of ``(outputs, targets)`` for a built-in name or a callable."""
+    if loss == "cross_entropy":
+        return lambda out, t: torch.nn.functional.cross_entropy(out, t, reduction="none")
+    if loss == "mse":
+        return lambda out, t: (out - t.reshape(out.shape)).square().flatten(1).mean(1)
+    return loss
+
+
+def dense_gauss_newton(model, X, y, loss="cross_entropy", params=None):
+    """``(1/n) sum_i J_i^T H_i J_i`` in float64, one example at a time.
+
+    ``J_i`` is the Jacobian of example ``i``'s outputs in the flat parameters
+    (``torch.func.jacrev``), ``H_i`` the Hessian of its loss in those outputs
+    (``torch.func.hessian`` of the loss itself, for any loss and output shape).
+    """
+
+    theta, unflatten = _flat_parameters(model, params)
+    fn = _per_example_loss(loss)
+    total = torch.zeros(theta.numel(), theta.numel(), dtype=torch.float64)
+    for i in range(X.shape[0]):
+        x, t = X[i : i + 1], y[i : i + 1]
+
+        def f(th, x=x):
+            return functional_call(model, unflatten(th), (x,))
+
+        out = f(theta).detach()
+        J = jacrev(f)(theta).reshape(out.numel(), -1)
+        H = hessian(lambda o, t=t: fn(o, t).sum())(out).reshape(out.numel(), out.numel())
+        total += J.T @ H @ J
+    return total / X.shape[0]
+
+
+def dense_hessian(model, X, y, loss="cross_entropy", params=None):
+    """The Hessian of the mean loss in the flat parameters, by ``torch.func.hessian``."""
+
+    theta, unflatten = _flat_parameters(model, params)
+    fn = _per_example_loss(loss)
+
+    def mean_loss(th):
+        return fn(functional_call(model, unflatten(th), (X,)), y).mean()
+
+    return hessian(mean_loss)(theta)

@@ -41,13 +41,25 @@ FACTORIES = {
     ),
     "ExplicitIFVP-auto": lambda config=None: ak.ExplicitIFVP(damping="auto", config=config),
     "DataInfIFVP": lambda config=None: ak.DataInfIFVP(config=config),
+    "IterativeIFVP": lambda config=None: ak.IterativeIFVP(damping=0.1, tol=1e-10, config=config),
+    # A nested estimator: get_params(deep=True) has preconditioner__damping etc.
+    "IterativeIFVP-preconditioned": lambda config=None: ak.IterativeIFVP(
+        damping=0.1, tol=1e-10, preconditioner=ak.DataInfIFVP(damping=0.5), config=config
+    ),
     # damping=1 makes the test MLP's indefinite Hessian (eigenvalues >= -0.59)
     # positive definite, so model mode keeps all proj_dim directions too.
     "ArnoldiProjector": lambda config=None: ak.ArnoldiProjector(
         proj_dim=6, damping=1.0, config=config
     ),
 }
-IFVPS = {"ExplicitIFVP", "ExplicitIFVP-woodbury", "ExplicitIFVP-auto", "DataInfIFVP"}
+IFVPS = {
+    "ExplicitIFVP",
+    "ExplicitIFVP-woodbury",
+    "ExplicitIFVP-auto",
+    "DataInfIFVP",
+    "IterativeIFVP",
+    "IterativeIFVP-preconditioned",
+}
 NAMES = list(FACTORIES)
 
 
@@ -83,11 +95,23 @@ EXPECTED_FAILED = {
     ),
 }
 
+#: scikit-learn expects an estimator with ``max_iter`` to set ``n_iter_`` in fit.
+ITERATES_IN_TRANSFORM = {
+    "check_transformer_n_iter": (
+        "IterativeIFVP iterates in transform, per row (solve() returns info['n_iter']); "
+        "fit runs no iteration, so there is no n_iter_"
+    ),
+}
+
 
 @parametrize_with_checks(
-    # and the defaults: RandomProjector's proj_dim=512, ArnoldiProjector's damping=0
-    [*(make(n) for n in NAMES), ak.RandomProjector(), ak.ArnoldiProjector()],
-    expected_failed_checks=lambda est: EXPECTED_FAILED,
+    # and the defaults: RandomProjector's proj_dim=512, ArnoldiProjector's and
+    # IterativeIFVP's damping=0
+    [*(make(n) for n in NAMES), ak.RandomProjector(), ak.ArnoldiProjector(), ak.IterativeIFVP()],
+    expected_failed_checks=lambda est: {
+        **EXPECTED_FAILED,
+        **(ITERATES_IN_TRANSFORM if isinstance(est, ak.IterativeIFVP) else {}),
+    },
 )
 def test_sklearn_estimator_checks(estimator, check):
     check(estimator)
@@ -109,10 +133,18 @@ def test_clone_and_get_params(name):
     params = est.get_params()
     assert not any(k.endswith("_") for k in params)  # no learned values among params
     twin = sklearn.base.clone(est)
-    assert twin.get_params() == params
+    assert plain(twin.get_params()) == plain(params)  # nested estimators are cloned
     with pytest.raises(NotFittedError):
         twin.transform(gradients(3))
     assert repr(est).startswith(type(est).__name__ + "(")
+
+
+def plain(params):
+    """Parameters with nested estimators (a preconditioner) as their type and parameters."""
+    return {
+        k: (type(v), plain(v.get_params())) if hasattr(v, "get_params") else v
+        for k, v in params.items()
+    }
 
 
 @pytest.mark.parametrize("name", NAMES)

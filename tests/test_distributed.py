@@ -27,6 +27,7 @@ from cases import PerToken, classification_data, linear, mlp
 from reference import assert_close
 
 import attribkit as ak
+from attribkit._compute import checksum
 from attribkit._compute import data as data_module
 from attribkit._compute import distributed as _distributed
 
@@ -815,14 +816,14 @@ def test_fingerprints_see_every_value_and_its_place():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(3 * 4096 + 17, generator=g)  # whole rows of the table and a tail
     y = torch.randn(6, 5, generator=g, dtype=torch.float64)
-    base = _distributed.fingerprints([x, y])
-    assert torch.equal(base, _distributed.fingerprints([x.clone(), y.clone()]))
+    base = checksum.fingerprints([x, y])
+    assert torch.equal(base, checksum.fingerprints([x.clone(), y.clone()]))
     # The documented definition, summed directly.
     for t, v in enumerate((x, y)):
         v = v.double().reshape(-1)
         a = (
-            torch.arange(v.numel(), dtype=torch.float64) * _distributed._PHI
-            + t * _distributed._PSI
+            torch.arange(v.numel(), dtype=torch.float64) * checksum._PHI
+            + t * checksum._PSI
         )
         want = torch.stack([v.abs().sum(), (v * a.cos()).sum(), (v * a.sin()).sum()])
         assert_close(base[t], want, rtol=1e-12)
@@ -830,13 +831,13 @@ def test_fingerprints_see_every_value_and_its_place():
     def differs(other):
         scale = float(base[:, 0].sum())
         gap = (other.sum(0) - base.sum(0)).abs().max()
-        return bool(gap > _distributed.FINGERPRINT_RTOL * scale)
+        return bool(gap > checksum.FINGERPRINT_RTOL * scale)
 
     nudged = x.clone()
     nudged[5000] += 1e-7 * float(base[:, 0].sum())  # one value, 1e-7 of the L1 mass
-    assert differs(_distributed.fingerprints([nudged, y]))
-    assert differs(_distributed.fingerprints([x.flip(0), y]))  # same values, other places
+    assert differs(checksum.fingerprints([nudged, y]))
+    assert differs(checksum.fingerprints([x.flip(0), y]))  # same values, other places
     z = torch.randn(6, 5, generator=g, dtype=torch.float64)
-    assert differs(_distributed.fingerprints([x, z])) and not differs(base)
-    swapped = _distributed.fingerprints([y, x])  # two tensors trade places
+    assert differs(checksum.fingerprints([x, z])) and not differs(base)
+    swapped = checksum.fingerprints([y, x])  # two tensors trade places
     assert differs(swapped)

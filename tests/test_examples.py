@@ -45,7 +45,9 @@ def test_quickstart_quick(tmp_path):
     exact = rows["exact Hessian (H + λI)⁻¹"]
     assert expected[1] > 0.9  # LOO Spearman
     assert abs(expected[2] - exact[2]) < 0.02  # LDS at the limit
-    assert len(rows) == 8, rows  # every method reported
+    assert len(rows) == 10, rows  # every method reported
+    for cg in ("IterativeIFVP(ggn)", "IterativeIFVP(ggn) + EK-FAC precond."):
+        assert abs(rows[cg][2] - expected[2]) < 0.005  # CG reaches the Gauss-Newton limit
     for name in ("influence.png", "loo.png", "lds.png"):
         path = tmp_path / name
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -24,10 +24,12 @@ Layers, from the bottom (imports only run down, checked by
    * ``gradients`` - per-example gradients from layer hooks (the rules in
      ``capture``), ``torch.func`` for what no rule covers;
    * ``curvature`` - Hessian-vector products of the mean loss;
+   * ``ggn`` - Gauss-Newton-vector products (and ``G^T G / n`` in array mode);
+   * ``checksum`` - a checksum of parameter values;
 
 3. ``attribkit.base`` - BaseEstimator, the fit/transform template;
 4. the estimators: ``attribkit.projection`` (random, kronecker, arnoldi) and
-   ``attribkit.ifvp`` (explicit, datainf, ekfac), which never import each
+   ``attribkit.ifvp`` (explicit, datainf, ekfac, iterative), which never import each
    other (a mechanic two families need moves down here);
 5. orchestration above the estimators: ``attribkit.gradients``
    (``per_example_gradients``), ``attribkit._scores`` (``influence``,

@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
-from torch.func import grad
+from torch.func import grad, vmap
 
 from ..config import ComputeConfig
 from . import distributed
@@ -94,7 +94,10 @@ class MeanLossHVP:
     """Curvature-vector products ``v -> (H + damping I) v`` of the mean loss over ``data``.
 
     ``H`` is the Hessian, in the selected parameters, of the mean loss
-    ``(1/n) sum_i loss_i`` over all ``n`` examples ``data`` yields. Each call
+    ``(1/n) sum_i loss_i`` over all ``n`` examples ``data`` yields. A call
+    takes one flat vector ``(p,)`` or a block of ``k`` of them ``(k, p)``
+    (products ``(k, p)``, one per row, vectorised over the rows with
+    ``torch.func.vmap`` in chunks of at most ``max_rows``). Each call
     streams over ``data`` once, so the data set never has to fit in memory:
     per batch ``b`` it adds the Hessian-vector product of the batch's *summed*
     loss (``|b|`` times its mean, so a ragged last batch weighs exactly what
@@ -160,6 +163,10 @@ class MeanLossHVP:
     n_samples : int or None
         The (all-reduced) example count, known after the first call; a later
         pass that sees another count raises ``ValueError``.
+    max_rows : int or None
+        At most this many rows of a block go through one vectorised product
+        (``None``: all at once); a block of more rows is split into chunks
+        within each batch, so a call is still one pass over the data.
     """
 
     def __init__(
@@ -198,6 +205,7 @@ class MeanLossHVP:
         # between calls, as every pass would rebuild the same one.
         self._kept = None
         self._products = 0  # calls so far: the iteration a failure is reported at
+        self.max_rows: int | None = None
 
     def _batch_gradient(self, inputs, targets, index: int, offset: int) -> Callable:
         """``sel -> (gradient of one batch's summed loss, that loss)`` (``torch.func.grad``).
@@ -233,40 +241,74 @@ class MeanLossHVP:
 
         return grad(batch_loss, has_aux=True)
 
-    def _batch_hvp(
-        self, inputs, targets, tangents: dict, index: int = 0, offset: int = 0
-    ):
-        """``(H_b v, the batch's summed loss, the vjp pullback or None)`` for one batch."""
+    def _batch_hvp(self, inputs, targets, tangents: dict, batched: bool, index: int, offset: int):
+        """``(H_b v, the batch's summed loss, the vjp pullback or None)`` for one batch.
+
+        ``tangents`` maps each parameter to ``(k, *shape)`` rows when
+        ``batched`` (the products are then ``(k, *shape)``), else to
+        ``shape``. A curvature subclass (the Gauss-Newton product) overrides
+        this method alone.
+        """
         gradient = self._batch_gradient(inputs, targets, index, offset)
         if self.mode == "rev-fwd":
             from torch.func import jvp
 
-            _, hv, value = jvp(gradient, (self._sel,), (tangents,), has_aux=True)
-            return hv, value, None
+            def product(t):
+                _, hv, value = jvp(gradient, (self._sel,), (t,), has_aux=True)
+                return hv, value
+
+            if not batched:
+                hv, value = product(tangents)
+                return hv, value, None
+            hv, values = vmap(product)(tangents)
+            return hv, values[0], None
         from torch.func import vjp
 
         _, pullback, value = vjp(gradient, self._sel, has_aux=True)
-        return pullback(tangents)[0], value, pullback
+        return pull(pullback, tangents, batched), value, pullback
 
     def __call__(self, v: torch.Tensor) -> torch.Tensor:
-        """``(H + damping I) v`` for a flat ``(p,)`` vector, in float64 on ``v``'s device."""
-        if v.shape != (self.n_features,):
+        """``(H + damping I) v`` in float64 on ``v``'s device.
+
+        ``v`` is one flat vector ``(p,)`` or a block ``(k, p)`` of them; the
+        result has ``v``'s shape. A block costs one pass over the data too.
+        """
+        return self.product_and_sum(v)[0]
+
+    def product_and_sum(
+        self, v: torch.Tensor, extra: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The product of ``v``, and ``extra`` summed over the ranks in the same all-reduce.
+
+        ``extra`` (any float64 tensor) rides along with the products, so an
+        iterative solver can agree on its own state across ranks without a
+        second collective per iteration. In one process it comes back as is.
+        """
+        p = self.n_features
+        if v.ndim not in (1, 2) or v.shape[-1] != p:
             raise ValueError(
                 f"{V.owner_name(self.owner)}: a Hessian-vector product takes a flat vector of "
-                f"shape ({self.n_features},). Got {tuple(v.shape)}."
+                f"shape ({p},) or a block (k, {p}). Got {tuple(v.shape)}."
             )
         self._products += 1
-        vec = v.detach().to(device=self.device, dtype=self.dtype)
-        tangents = OrderedDict((n, t[0]) for n, t in split(vec[None], self.param_shapes).items())
-        # The weighted sum, the count and a failure flag travel in one tensor:
-        # one all-reduce. Distributed, an empty shard on one rank is fine (an
-        # empty union is not), and a rank that fails makes every rank raise
-        # instead of leaving the others waiting in the all-reduce.
-        total = torch.zeros(self.n_features + 2, dtype=F64, device=self.device)
+        batched = v.ndim == 2
+        rows = v.reshape(-1, p).detach().to(device=self.device, dtype=self.dtype)
+        k = rows.shape[0]
+        tangents = split(rows, self.param_shapes)
+        if not batched:
+            tangents = OrderedDict((n, t[0]) for n, t in tangents.items())
+        # The weighted sums, the extra values, the count and a failure flag
+        # travel in one tensor: one all-reduce. Distributed, an empty shard on
+        # one rank is fine (an empty union is not), and a rank that fails makes
+        # every rank raise instead of leaving the others waiting in the all-reduce.
+        size = 0 if extra is None else extra.numel()
+        total = torch.zeros(k * p + size + 2, dtype=F64, device=self.device)
+        if extra is not None:
+            total[k * p : k * p + size] = extra.reshape(-1)
         red, error = self._reducer, None
         try:
             with autograd_on():  # also inside torch.inference_mode() / no_grad()
-                self._pass(total, tangents)
+                self._pass(total, tangents, k if batched else 0)
         except EmptyDataError:
             if not red.active:
                 raise
@@ -293,16 +335,22 @@ class MeanLossHVP:
                 f"{V.owner_name(self.owner)}: 'data' yielded {count} examples in one pass and "
                 f"{self.n_samples} in the first; every pass must see the same data."
             )
-        out = total[:-2].div_(count)
+        out = total[: k * p].div_(count).reshape(v.shape)
         if self.damping:
             out.add_(v.detach().to(device=self.device, dtype=F64), alpha=self.damping)
-        return out.to(v.device)
+        if extra is not None:
+            extra = total[k * p : k * p + size].reshape(extra.shape).to(extra.device)
+        return out.to(v.device), extra
 
-    def _pass(self, total: torch.Tensor, tangents: dict) -> None:
-        """Add this rank's ``sum_b H_b v`` to ``total[:-2]`` and its count to ``total[-2]``."""
+    def _pass(self, total: torch.Tensor, tangents: dict, k: int) -> None:
+        """Add this rank's ``sum_b H_b v`` to ``total[:k p]`` and its count to ``total[-2]``.
+
+        ``k`` is the number of rows of a block (0 for a single vector).
+        """
         if self._kept is not None:
             pullback, size = self._kept
-            self._add(total, pullback(tangents)[0])
+            for lo, chunk in self._chunks(tangents, k):
+                self._add(total, pull(pullback, chunk, k > 0), lo, k)
             total[-2] += size
             return
         batches = iter_batches(
@@ -312,23 +360,33 @@ class MeanLossHVP:
         with EvalMode(self.model, self.owner):
             for index, (inputs, targets) in enumerate(batches):
                 pullback = None  # a second batch's HVP never holds the first one's graph
-                try:
-                    hv, value, pullback = self._batch_hvp(
-                        inputs, targets, tangents, index, offset
-                    )
-                except _BatchProblem as problem:
-                    raise problem.error from None
-                except (MemoryError, torch.OutOfMemoryError):
-                    raise
-                except Exception as exc:
-                    raise self._failure(exc, index, inputs, targets) from exc
-                self._check_finite(value, hv, index)
-                self._add(total, hv)
+                for lo, chunk in self._chunks(tangents, k):
+                    try:
+                        hv, value, pullback = self._batch_hvp(
+                            inputs, targets, chunk, k > 0, index, offset
+                        )
+                    except _BatchProblem as problem:
+                        raise problem.error from None
+                    except (MemoryError, torch.OutOfMemoryError):
+                        raise
+                    except Exception as exc:
+                        raise self._failure(exc, index, inputs, targets) from exc
+                    self._check_finite(value, hv, index)
+                    self._add(total, hv, lo, k)
                 total[-2] += batch_len(inputs)
                 offset += batch_len(inputs)
                 seen += 1
         if seen == 1 and pullback is not None:
             self._kept = (pullback, float(total[-2]))
+
+    def _chunks(self, tangents: dict, k: int):
+        """``(first row, tangents)`` chunks of at most ``max_rows`` rows (one if ``k == 0``)."""
+        step = k if not self.max_rows else min(k, int(self.max_rows))
+        if k == 0 or step >= k:
+            yield 0, tangents
+            return
+        for lo in range(0, k, step):
+            yield lo, OrderedDict((n, t[lo : lo + step]) for n, t in tangents.items())
 
     def _failure(self, exc: Exception, index: int, inputs, targets) -> Exception:
         """The error for a Hessian-vector product that failed on batch ``index``: what failed.
@@ -381,13 +439,23 @@ class MeanLossHVP:
                 "curvature of a non-finite loss is undefined; check the inputs and the loss."
             )
 
-    def _add(self, total: torch.Tensor, hv: dict) -> None:
-        """``total[:p] += flat(hv)`` in float64."""
+    def _add(self, total: torch.Tensor, hv: dict, lo: int = 0, k: int = 0) -> None:
+        """``total[:p] += flat(hv)`` in float64 (rows ``lo:`` of the ``(k, p)`` block)."""
+        p = self.n_features
+        rows = next(iter(hv.values())).shape[0] if k else 1
+        out = total[lo * p : (lo + rows) * p].view(rows, p)
         offset = 0
         for name in self.param_shapes:
-            block = hv[name].reshape(-1)
-            total[offset : offset + block.numel()] += block.to(F64)
-            offset += block.numel()
+            block = hv[name].reshape(rows, -1)
+            out[:, offset : offset + block.shape[1]] += block.to(F64)
+            offset += block.shape[1]
+
+
+def pull(pullback, cotangents: dict, batched: bool) -> dict:
+    """A vjp ``pullback`` applied to one cotangent, or vectorised over a block of rows."""
+    if batched:
+        return vmap(pullback)(cotangents)[0]
+    return pullback(cotangents)[0]
 
 
 class _BatchProblem(Exception):

@@ -51,13 +51,12 @@ import torch
 import torch.distributed as dist
 
 from ..config import ComputeConfig
+from .checksum import FINGERPRINT_RTOL
 from .data import EMPTY_DATA_MESSAGE, EmptyDataError
 
 __all__ = [
-    "FINGERPRINT_RTOL",
     "Reducer",
     "canonical",
-    "fingerprints",
     "reducer",
     "reset_traffic",
     "traffic",
@@ -70,22 +69,6 @@ _MAX_DIMS = 8
 _MAX_PRINTS = 4
 
 _TRAFFIC = {"bytes": 0, "collectives": 0}
-
-#: Two ranks' value fingerprints agree when they differ by at most this
-#: fraction of the values' L1 norm. Bitwise-equal values give fingerprints
-#: that differ only by the rounding of float64 sums taken in another order
-#: (another device type or CPU kernel): about ``log2(n) * 1.1e-16`` of the L1
-#: norm for tree and pairwise summation, under ``1e-13`` even for blocks of
-#: ``10^3`` sequential additions, so ``1e-10`` never rejects equal weights;
-#: any change that moves a value by more than ``1e-10`` of the model's L1
-#: mass (``~1.4e-10`` with the weights of :func:`fingerprints`) is caught.
-FINGERPRINT_RTOL = 1e-10
-#: Golden-ratio steps: the weights cos/sin(j * phi + t * psi) never repeat.
-_PHI, _PSI = 0.6180339887498949, 0.7548776662466927
-#: Elements converted to float64 at a time by :func:`fingerprints` (whole rows).
-_CHUNK = 1 << 22
-#: Values per row of the weight table of :func:`fingerprints`.
-_ROW = 1 << 12
 
 
 def traffic() -> dict:
@@ -111,62 +94,6 @@ def _count(nbytes: int) -> None:
 
 def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
-
-
-def _weight_table(device: torch.device) -> torch.Tensor:
-    """``(_ROW, 2)`` float64: ``cos(j phi)`` and ``sin(j phi)`` for ``j < _ROW``."""
-    j = torch.arange(_ROW, dtype=torch.float64, device=device).mul_(_PHI)
-    return torch.stack([torch.cos(j), torch.sin(j)], 1)
-
-
-def fingerprints(tensors) -> torch.Tensor:
-    """A float64 ``(T, 3)`` fingerprint of each tensor's values, on the CPU.
-
-    Row ``t``: ``(sum_j |x_j|, sum_j x_j cos(a_j), sum_j x_j sin(a_j))`` over
-    the flattened tensor, ``a_j = j * phi + t * psi`` (golden-ratio steps),
-    accumulated in float64 on the tensor's device, ``2**22`` elements at a
-    time. Moving a value, swapping two equal-shaped tensors or permuting
-    entries changes the weighted sums (one of ``|cos|``, ``|sin|`` is at least
-    ``0.7``); the L1 norm is the scale for :data:`FINGERPRINT_RTOL`. The
-    weighted sums are matrix products with one ``(4096, 2)`` table of
-    ``cos/sin(j phi)``, each row of 4096 values rotated by its own phase
-    (``cos(a + b) = cos a cos b - sin a sin b``): about one float64 pass over
-    the values, a fraction of a forward pass. Integer and boolean tensors
-    are converted exactly (up to ``2**53``).
-
-    Examples
-    --------
-    >>> import torch
-    >>> from attribkit._compute.distributed import fingerprints
-    >>> a = torch.tensor([1.0, 2.0])
-    >>> fp = fingerprints([a, a.flip(0)])
-    >>> fp.shape, bool(fp[0, 0] == fp[1, 0]), bool(fp[0, 1] == fp[1, 1])
-    (torch.Size([2, 3]), True, False)
-    """
-    rows, tables = [], {}
-    for t, x in enumerate(tensors):
-        flat = x.detach().reshape(-1)
-        device = flat.device
-        if device not in tables:
-            tables[device] = _weight_table(device)
-        W = tables[device]
-        acc = torch.zeros(3, dtype=torch.float64, device=device)
-        for start in range(0, flat.numel(), _CHUNK):
-            block = flat[start : start + _CHUNK].to(torch.float64)
-            m = block.numel()
-            full = m - m % _ROW
-            acc[0] += block.abs().sum()
-            sums = block[:full].view(-1, _ROW) @ W  # (rows, 2): sum x cos(j phi), sum x sin
-            if full < m:
-                sums = torch.cat([sums, (block[full:] @ W[: m - full])[None]])
-            first = start // _ROW
-            phase = torch.arange(first, first + sums.shape[0], dtype=torch.float64, device=device)
-            phase.mul_(_ROW).mul_(_PHI).add_(t * _PSI)
-            cos, sin = torch.cos(phase), torch.sin(phase)
-            acc[1] += (cos * sums[:, 0] - sin * sums[:, 1]).sum()
-            acc[2] += (sin * sums[:, 0] + cos * sums[:, 1]).sum()
-        rows.append(acc.cpu())
-    return torch.stack(rows) if rows else torch.zeros(0, 3, dtype=torch.float64)
 
 
 def canonical(value):

@@ -31,7 +31,7 @@ def test_expected_fisher_is_the_dense_gauss_newton_matrix(solver, loss, make_mod
     est = ExplicitIFVP(damping=damping, solver=solver, fisher="expected", loss=loss, config=cfg)
     est.fit(model, (X, y))
     p = est.n_features_in_
-    GN = dense_gauss_newton(model, X, loss) + damping * torch.eye(p, dtype=torch.float64)
+    GN = dense_gauss_newton(model, X, y, loss) + damping * torch.eye(p, dtype=torch.float64)
     V = _vectors(4, p)
     assert est.solver_ == solver and est.n_samples_ == 7
     assert_close(est.inverse_transform(V), V @ GN, rtol=1e-10)
