@@ -56,6 +56,24 @@ class IFVPUsageError(ValueError):
     an :class:`MLPCache` holding something other than tensors). It subclasses
     ``ValueError`` (dattri 0.1.0's subclasses ``Exception``), so code catching
     either keeps working.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from attribkit.functional import IFVPUsageError, ifvp_datainf
+    >>> def loss(inputs, params, label):  # one example
+    ...     w, b = params
+    ...     return torch.nn.functional.cross_entropy(inputs @ w.T + b, label)
+
+    Three regularization entries for one layer (``w`` and ``b``):
+
+    >>> try:  # doctest: +NORMALIZE_WHITESPACE
+    ...     ifvp_datainf(loss, 1, (0, None, 0), regularization=[0.1, 0.2, 0.3],
+    ...                  param_layer_map=[0, 0])
+    ... except IFVPUsageError as err:
+    ...     print(err)
+    The length of 'regularization' of ifvp_datainf should be the same as the
+    number of layers (1, or of parameter tensors, 2). Got 3 entries.
     """
 
 
@@ -843,10 +861,8 @@ def ifvp_at_x_ekfac(
 
     and the IFVP of a layer's ``v`` is ``Q_S ((Q_Sᵀ v Q_A) / (Λ + damping)) Q_Aᵀ``.
     The work is :class:`attribkit.EKFACIFVP`'s, fed with the cached pairs:
-    its two passes (:func:`attribkit.ifvp.ekfac.fit_statistics` over
-    :class:`~attribkit.ifvp.ekfac.EKFACStatistics`, float64 sums and
-    eigendecompositions), its rounding floor for ``Λ``
-    (:func:`~attribkit.ifvp.ekfac.check_lambda`) and its ``ekfac_apply``.
+    its two passes (float64 sums and eigendecompositions), its rounding
+    floor for ``Λ`` and its per-layer product.
 
     Parameters
     ----------

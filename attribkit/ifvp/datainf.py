@@ -192,7 +192,7 @@ default="module"
 
     See Also
     --------
-    ExplicitIFVP : the exact damped inverse Fisher, for comparison.
+    ExplicitIFVP : The exact damped inverse Fisher, for comparison.
 
     References
     ----------

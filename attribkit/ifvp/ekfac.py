@@ -683,7 +683,7 @@ class EKFACIFVP(BaseEstimator):
     ``UserWarning`` that its factors describe this use only; two named
     modules holding the same parameter raise ``ValueError``.
 
-    **Eigendecompositions** (:func:`eigh_psd`) never surface a raw LAPACK
+    **Eigendecompositions** never surface a raw LAPACK
     error: structurally zero rows and columns of a covariance (the input
     columns of a convolution on 1 x 1 maps that only ever see padding) get
     eigenvalue 0 and unit eigenvectors exactly and only the rest is

@@ -407,9 +407,13 @@ class IterativeIFVP(BaseEstimator):
     n_samples_ : int
         Number of examples the curvature averages over.
     param_checksum_ : torch.Tensor of shape (n_params, 4)
-        Model mode: float64 checksums of the parameter values at ``fit``
-        (see :func:`attribkit._compute.checksum.parameter_checksum`); checked
-        before every solve and by :meth:`attach`. Empty in array mode.
+        Model mode: a float64 checksum of each covered parameter's values at
+        ``fit``, one row per entry of ``param_shapes_``: the L1 norm of its
+        values, two sums of its values weighted by ``cos``/``sin`` of their
+        flat positions (so a moved or swapped value shows) and its size.
+        Checked before every solve and by :meth:`attach`; values that
+        differ by more than ``1e-10`` of the L1 norm count as changed.
+        Empty in array mode.
     gradients_ : torch.Tensor of shape (n, p) or None
         Array mode: a float64 copy of the gradients (the curvature is
         ``G^T G / n``); ``None`` in model mode.
@@ -748,12 +752,15 @@ class IterativeIFVP(BaseEstimator):
         Returns
         -------
         self
+            This estimator, ready to ``transform`` again.
 
         Raises
         ------
         ValueError
             When the estimator was fitted in array mode, or the model's
             layout or parameter values differ from the fitted ones.
+        TypeError
+            When ``model`` is not a ``torch.nn.Module``.
         """
         check_is_fitted(self)
         if not getattr(self, "_from_model", False):

@@ -396,9 +396,9 @@ class ArnoldiProjector(BaseEstimator):
         Maximum number of Lanczos iterations, i.e. of curvature-vector
         products (passes over the data in model mode); capped at the number
         of features. The top eigenvalues converge first; ``max_iter`` well
-        above ``proj_dim`` makes the kept ones accurate. (The seed's
+        above ``proj_dim`` makes the kept ones accurate. The seed's
         ``max_iter`` counts the start vector too, and makes ``max_iter - 1``
-        products.)
+        products.
     damping : float, default=0.0
         ``damping >= 0`` added to the curvature (``damping * v`` in every
         product), which shifts every eigenvalue by ``damping``. With L2 weight
@@ -417,7 +417,7 @@ class ArnoldiProjector(BaseEstimator):
         vectors are tiny (``~1/sqrt(p)``); a larger norm keeps them well
         inside a low-precision ``config.dtype``. ``transform`` then scales by
         ``norm_constant`` and ``ihvp`` by ``norm_constant**2``; 1 gives the
-        exact restricted inverse. (Internally the basis stays orthonormal.)
+        exact restricted inverse. Internally the basis stays orthonormal.
     mode : {"rev-fwd", "rev-rev"}, default="rev-fwd"
         Model mode: Hessian-vector products as the forward-mode ``jvp`` of
         the reverse-mode gradient or the ``vjp`` of the gradient (for
