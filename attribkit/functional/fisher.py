@@ -162,8 +162,8 @@ def ifvp_explicit(
 
     Notes
     -----
-    **Where this differs from the reference.** The seed's implementation
-    (dattri 0.1.0) computes ``grad @ grad.T`` of the 1-D gradient, which is
+    **Where this differs from the reference.** dattri 0.1.0's implementation
+    computes ``grad @ grad.T`` of the 1-D gradient, which is
     the scalar ``‖g‖²``, and so returns ``v / (‖g‖² + regularization)``.
     The FIM of the function is the ``p x p`` outer product ``g gᵀ``; this
     function uses that matrix, which Sherman-Morrison makes cheap:
@@ -240,7 +240,7 @@ def ifvp_at_x_explicit(
 
     Notes
     -----
-    The seed's implementation forms ``grad @ grad.T`` of the 1-D gradient, a
+    dattri 0.1.0's implementation forms ``grad @ grad.T`` of the 1-D gradient, a
     scalar; here the FIM is the outer product ``g gᵀ`` (see
     :func:`ifvp_explicit`). The factorisation happens once, here, instead of
     one ``torch.linalg.solve`` per call.

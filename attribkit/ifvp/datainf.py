@@ -203,7 +203,7 @@ default="module"
     Examples
     --------
     >>> import torch
-    >>> from attribkit.ifvp.datainf import DataInfIFVP
+    >>> from attribkit import DataInfIFVP
     >>> model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh(), torch.nn.Linear(3, 2))
     >>> X, y = torch.randn(20, 4), torch.randint(0, 2, (20,))
     >>> ifvp = DataInfIFVP().fit(model, (X, y))

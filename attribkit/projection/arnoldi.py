@@ -364,7 +364,7 @@ class ArnoldiProjector(BaseEstimator):
       size, so a ragged last batch is right) to a float64 sum; under
       ``torch.distributed`` that sum and the example count are all-reduced,
       one collective per iteration, so every rank fits on the union of the
-      shards (API section 6); uneven shards and an empty one are fine (an
+      shards (:doc:`/guide/distributed`); uneven shards and an empty one are fine (an
       empty union raises), and a rank whose pass fails makes every rank
       raise. The start vector comes from a CPU generator seeded by ``seed``
       and every product is the same all-reduced tensor on every rank, so the
@@ -396,9 +396,9 @@ class ArnoldiProjector(BaseEstimator):
         Maximum number of Lanczos iterations, i.e. of curvature-vector
         products (passes over the data in model mode); capped at the number
         of features. The top eigenvalues converge first; ``max_iter`` well
-        above ``proj_dim`` makes the kept ones accurate. The seed's
-        ``max_iter`` counts the start vector too, and makes ``max_iter - 1``
-        products.
+        above ``proj_dim`` makes the kept ones accurate.
+        :func:`attribkit.functional.arnoldi_project`'s ``max_iter`` (dattri's)
+        counts the start vector too, and makes ``max_iter - 1`` products.
     damping : float, default=0.0
         ``damping >= 0`` added to the curvature (``damping * v`` in every
         product), which shifts every eigenvalue by ``damping``. With L2 weight
