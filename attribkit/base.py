@@ -176,8 +176,10 @@ class BaseEstimator(sklearn.base.TransformerMixin, sklearn.base.BaseEstimator):
         ----------
         model : torch.nn.Module, array-like of shape (n_samples, n_features) or dict
             The model, or per-example gradients.
-        data : DataLoader, Dataset, tuple or iterable, optional
-            The examples in model mode; ignored in array mode.
+        data : DataLoader, Dataset, tuple, mapping or iterable of batches, optional
+            The examples in model mode (a batch is ``(inputs, targets)`` or a
+            Hugging Face mapping, as in :func:`~attribkit.per_example_gradients`);
+            ignored in array mode.
 
         Returns
         -------
@@ -383,10 +385,10 @@ class BaseEstimator(sklearn.base.TransformerMixin, sklearn.base.BaseEstimator):
         model : torch.nn.Module
             The model the gradients are taken of (checked against the
             fitted layout before anything runs).
-        data : DataLoader, Dataset, tuple (inputs, targets) or iterable of batches
+        data : DataLoader, Dataset, tuple (inputs, targets), mapping or iterable of batches
             The examples.
-        loss : {"cross_entropy", "mse"} or callable, default="cross_entropy"
-            The per-example loss.
+        loss : {"cross_entropy", "mse", "causal_lm"} or callable, default="cross_entropy"
+            The per-example loss, as in :func:`~attribkit.per_example_gradients`.
         params : list of str, optional
             Parameters to differentiate; must name the fitted ones (any
             order) when the estimator was fitted on the model.

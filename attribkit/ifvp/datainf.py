@@ -145,8 +145,10 @@ default="module"
           one layer; or a list of layer sizes (ints >= 1 summing to
           ``n_features_in_``) splitting the flat vector into consecutive
           blocks.
-    loss : "cross_entropy", "mse" or callable, default="cross_entropy"
-        Per-example loss differentiated in model mode; a callable takes
+    loss : {"cross_entropy", "mse", "causal_lm"} or callable, default="cross_entropy"
+        Per-example loss differentiated in model mode, as in
+        :func:`~attribkit.per_example_gradients` (``"causal_lm"``: the summed
+        next-token cross-entropy of a language model); a callable takes
         ``(outputs, targets)`` and returns losses of shape ``(batch,)``.
         DataInf's derivation assumes a log-likelihood loss (cross-entropy), for
         which the Fisher is the loss curvature.

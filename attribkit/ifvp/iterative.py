@@ -376,9 +376,11 @@ class IterativeIFVP(BaseEstimator):
         A row is solved when its relative residual
         ``||v_i - (C + damping I) x_i|| / ||v_i||`` is at most ``tol``
         (``0 <= tol < 1``).
-    loss : {"cross_entropy", "mse"} or callable, default="cross_entropy"
-        Model mode: the per-example loss; a callable takes ``(outputs,
-        targets)`` and returns losses of shape ``(batch,)``.
+    loss : {"cross_entropy", "mse", "causal_lm"} or callable, default="cross_entropy"
+        Model mode: the per-example loss, as in
+        :func:`~attribkit.per_example_gradients` (``"causal_lm"``: the summed
+        next-token cross-entropy of a language model); a callable takes
+        ``(outputs, targets)`` and returns losses of shape ``(batch,)``.
     params : list of str, optional
         Model mode: the parameters the curvature is taken over (default: all
         trainable).
@@ -746,7 +748,7 @@ class IterativeIFVP(BaseEstimator):
         ----------
         model : torch.nn.Module
             The model the estimator was fitted on (or an exact copy).
-        data : DataLoader, Dataset, tuple or re-iterable of batches
+        data : DataLoader, Dataset, tuple, mapping or re-iterable of batches
             The same training data.
 
         Returns

@@ -429,9 +429,11 @@ class ArnoldiProjector(BaseEstimator):
     seed : int, default=0
         Seed of the start vector: standard normal, drawn in float64 on the
         CPU and moved, so the same on every device and process.
-    loss : {"cross_entropy", "mse"} or callable, default="cross_entropy"
-        Model mode: the per-example loss; a callable takes ``(outputs,
-        targets)`` and returns losses of shape ``(batch,)``.
+    loss : {"cross_entropy", "mse", "causal_lm"} or callable, default="cross_entropy"
+        Model mode: the per-example loss, as in
+        :func:`~attribkit.per_example_gradients` (``"causal_lm"``: the summed
+        next-token cross-entropy of a language model); a callable takes
+        ``(outputs, targets)`` and returns losses of shape ``(batch,)``.
     params : list of str, optional
         Model mode: the parameters the Hessian is taken over (default: all
         trainable).

@@ -406,10 +406,10 @@ class KroneckerProjector(BaseEstimator):
         ----------
         model : torch.nn.Module
             A model with the covered layers, of the fitted shapes.
-        data : DataLoader, Dataset, tuple (inputs, targets) or iterable of batches
+        data : DataLoader, Dataset, tuple (inputs, targets), mapping or iterable of batches
             The examples.
-        loss : {"cross_entropy", "mse"} or callable, default="cross_entropy"
-            The per-example loss.
+        loss : {"cross_entropy", "mse", "causal_lm"} or callable, default="cross_entropy"
+            The per-example loss, as in :func:`~attribkit.per_example_gradients`.
         params : list of str, optional
             None, or the covered parameters (``param_shapes_``, any order).
         config : ComputeConfig, optional

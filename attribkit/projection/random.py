@@ -326,7 +326,7 @@ class RandomProjector(BaseEstimator):
         data : DataLoader, Dataset, tuple (inputs, targets), mapping or iterable of batches
             The examples.
         loss : {"cross_entropy", "mse", "causal_lm"} or callable, default="cross_entropy"
-            The per-example loss.
+            The per-example loss, as in :func:`~attribkit.per_example_gradients`.
         params : list of str, optional
             Parameters to differentiate; must name the fitted ones (any
             order) when the projector was fitted on the model.
