@@ -191,6 +191,8 @@ default="module"
     param_shapes_ : OrderedDict
         ``name -> shape`` of the parameters (or of the array-mode blocks)
         whose flattened concatenation, in this order, is a flat vector.
+    feature_names_in_ : ndarray of str
+        Column names of a DataFrame given to ``fit`` in array mode (only then).
 
     See Also
     --------

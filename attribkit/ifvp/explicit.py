@@ -128,6 +128,8 @@ class ExplicitIFVP(BaseEstimator):
         ``name -> shape`` of the blocks a flat vector concatenates: the
         selected parameters (model mode), the dict's keys, or the single key
         ``"features"`` of a plain array.
+    feature_names_in_ : ndarray of str
+        Column names of a DataFrame given to ``fit`` in array mode (only then).
 
     See Also
     --------

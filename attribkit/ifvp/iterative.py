@@ -423,6 +423,8 @@ class IterativeIFVP(BaseEstimator):
         Number of features ``p``.
     param_shapes_ : OrderedDict
         ``name -> shape`` of the blocks a flat vector concatenates.
+    feature_names_in_ : ndarray of str
+        Column names of a DataFrame given to ``fit`` in array mode (only then).
 
     See Also
     --------

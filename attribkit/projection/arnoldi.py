@@ -462,6 +462,8 @@ class ArnoldiProjector(BaseEstimator):
         Number of features ``p`` (parameters in model mode).
     param_shapes_ : OrderedDict
         ``name -> shape`` of the blocks a flat vector concatenates.
+    feature_names_in_ : ndarray of str
+        Column names of a DataFrame given to ``fit`` in array mode (only then).
 
     Notes
     -----

@@ -133,6 +133,8 @@ class RandomProjector(BaseEstimator):
     proj_dim_ : int
         The output dimension ``k`` (``proj_dim``), the width of ``transform``'s
         output, as ArnoldiProjector and KroneckerProjector name theirs.
+    feature_names_in_ : ndarray of str
+        Column names of a DataFrame given to ``fit`` in array mode (only then).
 
     Notes
     -----
