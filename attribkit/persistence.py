@@ -255,7 +255,8 @@ def save(estimator, path) -> None:
     :class:`~attribkit.ComputeConfig` and nested attribkit estimators (a
     fitted preconditioner). A saved :class:`~attribkit.IterativeIFVP` fitted
     on a model keeps its fitted values but not the model and data it holds
-    by reference: after :func:`load`, give them back with its ``attach``.
+    by reference: after :func:`load`, give them back with
+    :meth:`~attribkit.IterativeIFVP.attach`.
 
     Examples
     --------
