@@ -367,8 +367,9 @@ def self_influence(ifvp, vectors):
 
     Returns
     -------
-    scores : ndarray or torch.Tensor of shape (n,)
-        numpy for numpy (or array-like) input, else torch; in ``config.dtype``.
+    ndarray or torch.Tensor of shape (n,)
+        The self-influence scores: numpy for numpy (or array-like) input, else
+        torch; in ``config.dtype``.
         The products are summed in the precision of the estimator's
         ``transform`` (float64 for ExplicitIFVP) before the cast.
 

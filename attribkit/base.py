@@ -111,6 +111,41 @@ class BaseEstimator(sklearn.base.TransformerMixin, sklearn.base.BaseEstimator):
     true. Classes defined in the ``attribkit.ifvp`` package get
     ``_is_ifvp = True`` automatically; any other subclass (a user's own IFVP)
     opts in by setting ``_is_ifvp = True`` in its class body.
+
+    **Subclassing.** ``fit`` and ``transform`` validate, convert and dispatch;
+    a subclass implements only ``_fit_array(G, config)`` (from a flat
+    ``(n, p)`` tensor on the fitted device), ``_fit_model(model, data,
+    config)`` (which must call ``self._set_layout(shapes)``), ``_transform(V)``
+    (flat ``(m, p)`` in, flat out) and, optionally, ``_check_params()``. A
+    class attribute ``_model_mode`` or ``_array_mode`` set to a string
+    instead of ``True`` refuses that mode with the string as the reason;
+    ``_same_layout = False`` marks a projector (its output is not in the
+    input's layout).
+
+    Examples
+    --------
+    A diagonal inverse Fisher as a user's own IFVP estimator, accepted by
+    :func:`attribkit.influence`:
+
+    >>> import torch, attribkit as ak
+    >>> class DiagonalIFVP(ak.BaseEstimator):
+    ...     # (diag(F) + damping I)^-1, F the empirical Fisher of the gradients
+    ...     _is_ifvp = True
+    ...     _model_mode = "pass per-example gradients (ak.per_example_gradients)."
+    ...
+    ...     def __init__(self, damping=0.1, config=None):
+    ...         self.damping = damping
+    ...         self.config = config
+    ...
+    ...     def _fit_array(self, G, config):
+    ...         self.diagonal_ = G.square().mean(0)
+    ...
+    ...     def _transform(self, V):
+    ...         return V / (self.diagonal_ + self.damping)
+    >>> G = torch.randn(20, 5)
+    >>> ifvp = DiagonalIFVP().fit(G)
+    >>> ifvp.n_features_in_, ak.influence(ifvp, G, G[:2]).shape
+    (5, torch.Size([2, 20]))
     """
 
     #: True, or the reason why fitting from an array/model is impossible.
@@ -141,12 +176,16 @@ class BaseEstimator(sklearn.base.TransformerMixin, sklearn.base.BaseEstimator):
         ----------
         model : torch.nn.Module, array-like of shape (n_samples, n_features) or dict
             The model, or per-example gradients.
-        data : DataLoader, Dataset, tuple or iterable, optional
-            The examples in model mode; ignored in array mode.
+        data : DataLoader, Dataset, tuple, mapping or iterable of batches, optional
+            The examples in model mode (a batch is ``(inputs, targets)`` or a
+            Hugging Face mapping, as in :func:`~attribkit.per_example_gradients`);
+            ignored in array mode.
 
         Returns
         -------
         self
+            This estimator, fitted. On an exception it is left as it was
+            (still fitted, with its previous state, if it was).
         """
         config = V.check_config(self, self.config)
         self._check_params()
@@ -346,10 +385,10 @@ class BaseEstimator(sklearn.base.TransformerMixin, sklearn.base.BaseEstimator):
         model : torch.nn.Module
             The model the gradients are taken of (checked against the
             fitted layout before anything runs).
-        data : DataLoader, Dataset, tuple (inputs, targets) or iterable of batches
+        data : DataLoader, Dataset, tuple (inputs, targets), mapping or iterable of batches
             The examples.
-        loss : {"cross_entropy", "mse"} or callable, default="cross_entropy"
-            The per-example loss.
+        loss : {"cross_entropy", "mse", "causal_lm"} or callable, default="cross_entropy"
+            The per-example loss, as in :func:`~attribkit.per_example_gradients`.
         params : list of str, optional
             Parameters to differentiate; must name the fitted ones (any
             order) when the estimator was fitted on the model.
@@ -412,7 +451,7 @@ class BaseEstimator(sklearn.base.TransformerMixin, sklearn.base.BaseEstimator):
         return names
 
     def get_feature_names_out(self, input_features=None):
-        """Names of the output features (scikit-learn's transformer API).
+        """Get the names of the output features (scikit-learn's transformer API).
 
         Parameters
         ----------
@@ -442,7 +481,21 @@ class BaseEstimator(sklearn.base.TransformerMixin, sklearn.base.BaseEstimator):
 
     # ------------------------------------------------------------ devices & pickling
     def to(self, device):
-        """Move the fitted state to ``device`` (``"cpu"``, ``"cuda[:N]"``); returns self."""
+        """Move the fitted state to another device.
+
+        Parameters
+        ----------
+        device : str or torch.device
+            ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"auto"`` (CUDA when
+            available). A device torch cannot see raises ``ValueError``.
+
+        Returns
+        -------
+        self
+            This estimator, its fitted tensors on ``device``. ``config`` is
+            unchanged: an estimator pickled and loaded again goes back to
+            ``config.device`` when that is available. Unfitted, nothing moves.
+        """
         if isinstance(device, str) and device == "auto":
             target = ComputeConfig("auto").torch_device
         else:

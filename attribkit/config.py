@@ -76,7 +76,7 @@ class ComputeConfig:
         ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"auto"`` (CUDA when available).
         A CUDA device that torch cannot see raises ``ValueError`` here.
     dtype : str or torch.dtype, default="float32"
-        dtype of outputs and stored state: ``"float16"``, ``"bfloat16"``,
+        The dtype of outputs and stored state: ``"float16"``, ``"bfloat16"``,
         ``"float32"`` or ``"float64"``. Stored as its name. Factorisations
         (Cholesky, eigendecompositions) run in float64 internally whatever this
         says, because their rounding error grows with the condition number and

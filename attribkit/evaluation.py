@@ -122,7 +122,7 @@ def loo_correlation(scores, removed, loss_changes, method: str = "spearman") -> 
     Returns
     -------
     ndarray of shape (n_test,)
-        float64 correlations in ``[-1, 1]``: ``1`` when the scores order the
+        The float64 correlations, in ``[-1, 1]``: ``1`` when the scores order the
         retraining effects perfectly; ``nan`` (with a ``UserWarning``) for a
         test example whose scores or loss changes over ``removed`` are
         constant.
@@ -234,7 +234,7 @@ def lds(scores, subsets, outputs) -> np.ndarray:
     Returns
     -------
     ndarray of shape (n_test,)
-        float64 Spearman correlations in ``[-1, 1]``; ``nan`` (with a
+        The float64 Spearman correlations, in ``[-1, 1]``; ``nan`` (with a
         ``UserWarning``) for a test example whose subset sums or outputs are
         constant over the models.
 

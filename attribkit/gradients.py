@@ -415,6 +415,16 @@ def per_example_gradients(
     >>> proj = ak.RandomProjector(proj_dim=4).fit(model)
     >>> ak.per_example_gradients(model, (X, y), projector=proj).shape
     torch.Size([5, 4])
+
+    Resuming a fill that stopped after 3 rows (``exc.rows_written == 3``):
+
+    >>> full = ak.per_example_gradients(model, (X, y))
+    >>> out = torch.zeros(5, 8)
+    >>> out[:3] = full[:3]  # the rows the interrupted fill had written
+    >>> ak.per_example_gradients(model, (X, y), out=out, start=3) is out
+    True
+    >>> torch.allclose(out, full)
+    True
     """
     if config is None and projector is not None:
         config = getattr(projector, "_config", None)

@@ -239,11 +239,24 @@ def save(estimator, path) -> None:
 
     Notes
     -----
-    The file holds the tensors (safetensors), the parameters, layout and other
-    fitted values (JSON) and a SHA-256 checksum of the whole content (see
-    :mod:`attribkit.persistence`). Transient caches (a projection matrix,
-    scales) are not saved; they are rebuilt on first use after :func:`load`,
-    as after unpickling.
+    The file is one `safetensors <https://huggingface.co/docs/safetensors>`_
+    file: the estimator's tensors are its tensors (detached, on the CPU), and
+    its text metadata holds a JSON document (the format name and version, the
+    versions of attribkit and torch that wrote it, the estimator's class and
+    its parameters, layout and other fitted values, with tensors referred to
+    by name) and a SHA-256 checksum of the whole content, which :func:`load`
+    verifies. Transient caches (a projection matrix, scales) are not saved;
+    they are rebuilt on first use after :func:`load`, as after unpickling.
+
+    Plain data means ``None``, ``bool``, ``int``, ``float`` (infinities and
+    NaN included), ``str``, lists, tuples, dicts and ``OrderedDict``,
+    ``frozenset``/``set``, torch tensors, numpy arrays of numbers or strings,
+    numpy scalars, ``torch.dtype``, ``torch.device``,
+    :class:`~attribkit.ComputeConfig` and nested attribkit estimators (a
+    fitted preconditioner). A saved :class:`~attribkit.IterativeIFVP` fitted
+    on a model keeps its fitted values but not the model and data it holds
+    by reference: after :func:`load`, give them back with
+    :meth:`~attribkit.IterativeIFVP.attach`.
 
     Examples
     --------
@@ -323,6 +336,17 @@ def load(path):
         the path and what failed.
     OSError
         When the file cannot be read (missing, a folder, no permission).
+
+    Notes
+    -----
+    Loading parses JSON and reads tensors with safetensors; it never
+    unpickles and never imports anything, so a file from someone else cannot
+    run code: the saved class must be a :class:`~attribkit.BaseEstimator`
+    subclass already defined in this process (attribkit's own, or a user's
+    subclass whose module was imported). The checksum detects corruption,
+    not forgery: whoever edits a file can recompute it, but what such a file
+    can do is limited to the plain data it holds. Pickle and joblib also
+    round-trip estimators; load only trusted files with them.
 
     Examples
     --------

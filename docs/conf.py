@@ -71,14 +71,6 @@ nitpick_ignore_regex = [
     (r".*", r"(python|numpy):.*"),
 ]
 
-# Guides link to names of API sections 8 and 9 (IterativeIFVP, save, load) that other
-# work is adding: plain text while a name is missing, a checked link once it exists.
-nitpick_ignore = [
-    (role, f"attribkit.{name}")
-    for role, name in (("py:class", "IterativeIFVP"), ("py:func", "save"), ("py:func", "load"))
-    if not hasattr(attribkit, name)
-]
-
 # ------------------------------------------------------------------ autodoc / autosummary
 autosummary_generate = True
 autosummary_imported_members = True
@@ -93,9 +85,14 @@ def _skip_foreign_members(app, what, name, obj, skip, options):
     ``get_params``, ``set_params``, ``fit_transform``, ``set_output`` and the
     metadata-routing methods are scikit-learn's and documented there (the
     BaseEstimator page says so); their docstrings cross-reference scikit-learn's
-    own user guide, which this site does not have.
+    own user guide, which this site does not have. The same for what an
+    exception inherits from Python's (``with_traceback``, ``add_note``): a
+    method descriptor of a built-in class has no ``__module__``, only its
+    ``__objclass__``.
     """
     module = getattr(obj, "__module__", None) or ""
+    if not module and hasattr(obj, "__objclass__"):
+        module = getattr(obj.__objclass__, "__module__", "") or ""
     if module.split(".")[0] in ("sklearn", "builtins"):
         return True
     return skip
@@ -181,6 +178,8 @@ html_theme_options = {
     "header_links_before_dropdown": 5,
     "secondary_sidebar_items": ["page-toc", "sourcelink"],
 }
+html_static_path = ["_static"]
+html_css_files = ["attribkit.css"]
 html_show_sourcelink = True
 html_copy_source = True
 

@@ -56,6 +56,24 @@ class IFVPUsageError(ValueError):
     an :class:`MLPCache` holding something other than tensors). It subclasses
     ``ValueError`` (dattri 0.1.0's subclasses ``Exception``), so code catching
     either keeps working.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from attribkit.functional import IFVPUsageError, ifvp_datainf
+    >>> def loss(inputs, params, label):  # one example
+    ...     w, b = params
+    ...     return torch.nn.functional.cross_entropy(inputs @ w.T + b, label)
+
+    Three regularization entries for one layer (``w`` and ``b``):
+
+    >>> try:  # doctest: +NORMALIZE_WHITESPACE
+    ...     ifvp_datainf(loss, 1, (0, None, 0), regularization=[0.1, 0.2, 0.3],
+    ...                  param_layer_map=[0, 0])
+    ... except IFVPUsageError as err:
+    ...     print(err)
+    The length of 'regularization' of ifvp_datainf should be the same as the
+    number of layers (1, or of parameter tensors, 2). Got 3 entries.
     """
 
 
@@ -144,8 +162,8 @@ def ifvp_explicit(
 
     Notes
     -----
-    **Where this differs from the reference.** The seed's implementation
-    (dattri 0.1.0) computes ``grad @ grad.T`` of the 1-D gradient, which is
+    **Where this differs from the reference.** dattri 0.1.0's implementation
+    computes ``grad @ grad.T`` of the 1-D gradient, which is
     the scalar ``‖g‖²``, and so returns ``v / (‖g‖² + regularization)``.
     The FIM of the function is the ``p x p`` outer product ``g gᵀ``; this
     function uses that matrix, which Sherman-Morrison makes cheap:
@@ -222,7 +240,7 @@ def ifvp_at_x_explicit(
 
     Notes
     -----
-    The seed's implementation forms ``grad @ grad.T`` of the 1-D gradient, a
+    dattri 0.1.0's implementation forms ``grad @ grad.T`` of the 1-D gradient, a
     scalar; here the FIM is the outer product ``g gᵀ`` (see
     :func:`ifvp_explicit`). The factorisation happens once, here, instead of
     one ``torch.linalg.solve`` per call.
@@ -843,10 +861,8 @@ def ifvp_at_x_ekfac(
 
     and the IFVP of a layer's ``v`` is ``Q_S ((Q_Sᵀ v Q_A) / (Λ + damping)) Q_Aᵀ``.
     The work is :class:`attribkit.EKFACIFVP`'s, fed with the cached pairs:
-    its two passes (:func:`attribkit.ifvp.ekfac.fit_statistics` over
-    :class:`~attribkit.ifvp.ekfac.EKFACStatistics`, float64 sums and
-    eigendecompositions), its rounding floor for ``Λ``
-    (:func:`~attribkit.ifvp.ekfac.check_lambda`) and its ``ekfac_apply``.
+    its two passes (float64 sums and eigendecompositions), its rounding
+    floor for ``Λ`` and its per-layer product.
 
     Parameters
     ----------

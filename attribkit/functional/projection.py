@@ -173,9 +173,9 @@ def random_project(
         On the CPU, which has no fast float16 matrix product, the inputs are
         rounded to float16, the product is computed in float32 and the
         result is rounded to float16: outputs are float16 as documented, at
-        float32 speed. (Features beyond float16's range, 65504, raise a
+        float32 speed. Features beyond float16's range (65504) raise a
         ``ValueError`` suggesting a wider dtype: pass
-        ``use_half_precision=False``.)
+        ``use_half_precision=False``.
 
     Returns
     -------

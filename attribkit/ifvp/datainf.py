@@ -145,8 +145,10 @@ default="module"
           one layer; or a list of layer sizes (ints >= 1 summing to
           ``n_features_in_``) splitting the flat vector into consecutive
           blocks.
-    loss : "cross_entropy", "mse" or callable, default="cross_entropy"
-        Per-example loss differentiated in model mode; a callable takes
+    loss : {"cross_entropy", "mse", "causal_lm"} or callable, default="cross_entropy"
+        Per-example loss differentiated in model mode, as in
+        :func:`~attribkit.per_example_gradients` (``"causal_lm"``: the summed
+        next-token cross-entropy of a language model); a callable takes
         ``(outputs, targets)`` and returns losses of shape ``(batch,)``.
         DataInf's derivation assumes a log-likelihood loss (cross-entropy), for
         which the Fisher is the loss curvature.
@@ -189,10 +191,12 @@ default="module"
     param_shapes_ : OrderedDict
         ``name -> shape`` of the parameters (or of the array-mode blocks)
         whose flattened concatenation, in this order, is a flat vector.
+    feature_names_in_ : ndarray of str
+        Column names of a DataFrame given to ``fit`` in array mode (only then).
 
     See Also
     --------
-    ExplicitIFVP : the exact damped inverse Fisher, for comparison.
+    ExplicitIFVP : The exact damped inverse Fisher, for comparison.
 
     References
     ----------
@@ -203,7 +207,7 @@ default="module"
     Examples
     --------
     >>> import torch
-    >>> from attribkit.ifvp.datainf import DataInfIFVP
+    >>> from attribkit import DataInfIFVP
     >>> model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh(), torch.nn.Linear(3, 2))
     >>> X, y = torch.randn(20, 4), torch.randint(0, 2, (20,))
     >>> ifvp = DataInfIFVP().fit(model, (X, y))

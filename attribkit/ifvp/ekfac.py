@@ -601,9 +601,13 @@ class EKFACIFVP(BaseEstimator):
         expectation over that distribution (built-in losses; for
         cross-entropy with ``C`` classes ``C`` backward passes per batch, ``S``
         and ``Λ`` weighted by the class probabilities; for MSE with ``D``
-        outputs ``D`` passes), the Gauss-Newton matrix's EK-FAC.
-    loss : {"cross_entropy", "mse"} or callable, default="cross_entropy"
-        Per-example loss ``(outputs, targets) -> (batch,)``. The backward pass
+        outputs ``D`` passes), the Gauss-Newton matrix's EK-FAC. On sequences
+        (per-token cross-entropy, ``"causal_lm"``) ``"expected"`` raises
+        ``ValueError`` naming ``"true"``, which samples one label per token.
+    loss : {"cross_entropy", "mse", "causal_lm"} or callable, default="cross_entropy"
+        Per-example loss, as in :func:`~attribkit.per_example_gradients`
+        (``"causal_lm"``: the summed next-token cross-entropy of a language
+        model); a callable is ``(outputs, targets) -> (batch,)``. The backward pass
         differentiates the SUM over the batch, so ``s`` is each example's own
         output gradient.
     max_batches : int, optional
@@ -683,7 +687,7 @@ class EKFACIFVP(BaseEstimator):
     ``UserWarning`` that its factors describe this use only; two named
     modules holding the same parameter raise ``ValueError``.
 
-    **Eigendecompositions** (:func:`eigh_psd`) never surface a raw LAPACK
+    **Eigendecompositions** never surface a raw LAPACK
     error: structurally zero rows and columns of a covariance (the input
     columns of a convolution on 1 x 1 maps that only ever see padding) get
     eigenvalue 0 and unit eigenvectors exactly and only the rest is

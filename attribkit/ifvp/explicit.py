@@ -89,9 +89,14 @@ class ExplicitIFVP(BaseEstimator):
         p p^T) J``; for MSE likewise ``(2 / D) J^T J``. It is the best
         curvature of the three (for a linear model it is the Hessian of the
         loss) and costs ``C`` (or ``D``) backward passes per batch; see
-        Notes. Ignored in array mode, where the gradients are given.
-    loss : {"cross_entropy", "mse"} or callable, default="cross_entropy"
-        Model mode only: the per-example loss; a callable takes
+        Notes. On sequences (per-token cross-entropy, ``"causal_lm"``) it
+        would need one gradient per token and class, and raises
+        ``ValueError`` naming ``"true"`` instead. Ignored in array mode,
+        where the gradients are given.
+    loss : {"cross_entropy", "mse", "causal_lm"} or callable, default="cross_entropy"
+        Model mode only: the per-example loss, as in
+        :func:`~attribkit.per_example_gradients` (``"causal_lm"``: the summed
+        next-token cross-entropy of a language model); a callable takes
         ``(outputs, targets)`` and returns losses of shape ``(batch,)``.
     params : list of str, optional
         Model mode only: names of the parameters the Fisher is taken over
@@ -123,6 +128,8 @@ class ExplicitIFVP(BaseEstimator):
         ``name -> shape`` of the blocks a flat vector concatenates: the
         selected parameters (model mode), the dict's keys, or the single key
         ``"features"`` of a plain array.
+    feature_names_in_ : ndarray of str
+        Column names of a DataFrame given to ``fit`` in array mode (only then).
 
     See Also
     --------

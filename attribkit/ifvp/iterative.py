@@ -376,9 +376,11 @@ class IterativeIFVP(BaseEstimator):
         A row is solved when its relative residual
         ``||v_i - (C + damping I) x_i|| / ||v_i||`` is at most ``tol``
         (``0 <= tol < 1``).
-    loss : {"cross_entropy", "mse"} or callable, default="cross_entropy"
-        Model mode: the per-example loss; a callable takes ``(outputs,
-        targets)`` and returns losses of shape ``(batch,)``.
+    loss : {"cross_entropy", "mse", "causal_lm"} or callable, default="cross_entropy"
+        Model mode: the per-example loss, as in
+        :func:`~attribkit.per_example_gradients` (``"causal_lm"``: the summed
+        next-token cross-entropy of a language model); a callable takes
+        ``(outputs, targets)`` and returns losses of shape ``(batch,)``.
     params : list of str, optional
         Model mode: the parameters the curvature is taken over (default: all
         trainable).
@@ -407,9 +409,13 @@ class IterativeIFVP(BaseEstimator):
     n_samples_ : int
         Number of examples the curvature averages over.
     param_checksum_ : torch.Tensor of shape (n_params, 4)
-        Model mode: float64 checksums of the parameter values at ``fit``
-        (see :func:`attribkit._compute.checksum.parameter_checksum`); checked
-        before every solve and by :meth:`attach`. Empty in array mode.
+        Model mode: a float64 checksum of each covered parameter's values at
+        ``fit``, one row per entry of ``param_shapes_``: the L1 norm of its
+        values, two sums of its values weighted by ``cos``/``sin`` of their
+        flat positions (so a moved or swapped value shows) and its size.
+        Checked before every solve and by :meth:`attach`; values that
+        differ by more than ``1e-10`` of the L1 norm count as changed.
+        Empty in array mode.
     gradients_ : torch.Tensor of shape (n, p) or None
         Array mode: a float64 copy of the gradients (the curvature is
         ``G^T G / n``); ``None`` in model mode.
@@ -417,6 +423,8 @@ class IterativeIFVP(BaseEstimator):
         Number of features ``p``.
     param_shapes_ : OrderedDict
         ``name -> shape`` of the blocks a flat vector concatenates.
+    feature_names_in_ : ndarray of str
+        Column names of a DataFrame given to ``fit`` in array mode (only then).
 
     See Also
     --------
@@ -742,18 +750,21 @@ class IterativeIFVP(BaseEstimator):
         ----------
         model : torch.nn.Module
             The model the estimator was fitted on (or an exact copy).
-        data : DataLoader, Dataset, tuple or re-iterable of batches
+        data : DataLoader, Dataset, tuple, mapping or re-iterable of batches
             The same training data.
 
         Returns
         -------
         self
+            This estimator, ready to ``transform`` again.
 
         Raises
         ------
         ValueError
             When the estimator was fitted in array mode, or the model's
             layout or parameter values differ from the fitted ones.
+        TypeError
+            When ``model`` is not a ``torch.nn.Module``.
         """
         check_is_fitted(self)
         if not getattr(self, "_from_model", False):

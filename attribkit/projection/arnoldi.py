@@ -364,7 +364,7 @@ class ArnoldiProjector(BaseEstimator):
       size, so a ragged last batch is right) to a float64 sum; under
       ``torch.distributed`` that sum and the example count are all-reduced,
       one collective per iteration, so every rank fits on the union of the
-      shards (API section 6); uneven shards and an empty one are fine (an
+      shards (:doc:`/guide/distributed`); uneven shards and an empty one are fine (an
       empty union raises), and a rank whose pass fails makes every rank
       raise. The start vector comes from a CPU generator seeded by ``seed``
       and every product is the same all-reduced tensor on every rank, so the
@@ -396,9 +396,9 @@ class ArnoldiProjector(BaseEstimator):
         Maximum number of Lanczos iterations, i.e. of curvature-vector
         products (passes over the data in model mode); capped at the number
         of features. The top eigenvalues converge first; ``max_iter`` well
-        above ``proj_dim`` makes the kept ones accurate. (The seed's
-        ``max_iter`` counts the start vector too, and makes ``max_iter - 1``
-        products.)
+        above ``proj_dim`` makes the kept ones accurate.
+        :func:`attribkit.functional.arnoldi_project`'s ``max_iter`` (dattri's)
+        counts the start vector too, and makes ``max_iter - 1`` products.
     damping : float, default=0.0
         ``damping >= 0`` added to the curvature (``damping * v`` in every
         product), which shifts every eigenvalue by ``damping``. With L2 weight
@@ -417,7 +417,7 @@ class ArnoldiProjector(BaseEstimator):
         vectors are tiny (``~1/sqrt(p)``); a larger norm keeps them well
         inside a low-precision ``config.dtype``. ``transform`` then scales by
         ``norm_constant`` and ``ihvp`` by ``norm_constant**2``; 1 gives the
-        exact restricted inverse. (Internally the basis stays orthonormal.)
+        exact restricted inverse. Internally the basis stays orthonormal.
     mode : {"rev-fwd", "rev-rev"}, default="rev-fwd"
         Model mode: Hessian-vector products as the forward-mode ``jvp`` of
         the reverse-mode gradient or the ``vjp`` of the gradient (for
@@ -429,9 +429,11 @@ class ArnoldiProjector(BaseEstimator):
     seed : int, default=0
         Seed of the start vector: standard normal, drawn in float64 on the
         CPU and moved, so the same on every device and process.
-    loss : {"cross_entropy", "mse"} or callable, default="cross_entropy"
-        Model mode: the per-example loss; a callable takes ``(outputs,
-        targets)`` and returns losses of shape ``(batch,)``.
+    loss : {"cross_entropy", "mse", "causal_lm"} or callable, default="cross_entropy"
+        Model mode: the per-example loss, as in
+        :func:`~attribkit.per_example_gradients` (``"causal_lm"``: the summed
+        next-token cross-entropy of a language model); a callable takes
+        ``(outputs, targets)`` and returns losses of shape ``(batch,)``.
     params : list of str, optional
         Model mode: the parameters the Hessian is taken over (default: all
         trainable).
@@ -460,6 +462,8 @@ class ArnoldiProjector(BaseEstimator):
         Number of features ``p`` (parameters in model mode).
     param_shapes_ : OrderedDict
         ``name -> shape`` of the blocks a flat vector concatenates.
+    feature_names_in_ : ndarray of str
+        Column names of a DataFrame given to ``fit`` in array mode (only then).
 
     Notes
     -----

@@ -87,7 +87,7 @@ class KroneckerProjector(BaseEstimator):
     :class:`~attribkit.RandomProjector`, scaled by ``1 / sqrt(k)`` so that
     ``E ||P_out^T W P_in||_F^2 = ||W||_F^2``. The matrix of the layer at
     position ``l`` of ``layers_`` and side ``in``/``out`` is the generator's
-    matrix for the derived seed :func:`layer_seed` ``(seed, l, side)``, so
+    matrix for a seed derived from ``(seed, l, side)`` by SplitMix64 mixing, so
     every (unscaled) entry is a pure function of ``(seed, proj_type, l,
     side, i, j)`` (for ``"sjlt"`` also of ``k``, as in RandomProjector): the
     same on every device, for every batch size, and never stored (the pickle
@@ -170,7 +170,7 @@ class KroneckerProjector(BaseEstimator):
     ``tests/projection/test_kronecker.py`` checks seeds 0-4 against these):
 
     =================  ========  ===================  ====================
-    projection         proj_dim  median |ratio - 1|   median ip error
+    projection         proj_dim  median ratio error   median ip error
     =================  ========  ===================  ====================
     Kronecker 8 x 8    192       0.290 (0.208-0.405)  0.114 (0.072-0.234)
     dense, same dim    192       0.067 (0.049-0.089)  0.049 (0.045-0.054)
@@ -180,8 +180,9 @@ class KroneckerProjector(BaseEstimator):
     dense, same dim    2368      0.021 (0.017-0.027)  0.014 (0.013-0.017)
     =================  ========  ===================  ====================
 
-    (``ratio = ||x P||^2 / ||x||^2`` per gradient; the inner-product error is
-    ``|<xP, yP> - <x, y>| / (||x|| ||y||)`` over pairs; "dense" is
+    (the ratio error is ``|ratio - 1|`` with ``ratio = ||x P||^2 / ||x||^2``
+    per gradient; the inner-product error is ``|<xP, yP> - <x, y>| / (||x||
+    ||y||)`` over pairs; "dense" is
     :class:`~attribkit.RandomProjector` with the same ``proj_dim``.) So at 16
     x 16 the norms are distorted about as much as by a dense projection of
     only ~20 dimensions, inner products about as much as by ~70, and the
@@ -309,9 +310,33 @@ class KroneckerProjector(BaseEstimator):
         return engine.matrix().to(self._compute_dtype)
 
     def matrices(self, layer: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(P_in, P_out)`` of a covered layer: ``(d_in, k_in)`` and ``(d_out, k_out)``.
+        """Get the two JL matrices of a covered layer.
 
         Regenerated from the seed on first use and cached until pickling or ``to``.
+
+        Parameters
+        ----------
+        layer : str
+            The name of a covered module (one of ``layers_``).
+
+        Returns
+        -------
+        P_in : torch.Tensor of shape (d_in, k_in)
+            The input-side matrix (``d_in`` counts the bias column).
+        P_out : torch.Tensor of shape (d_out, k_out)
+            The output-side matrix: the layer's gradient ``W`` (``(d_out,
+            d_in)``) projects to ``P_out^T W P_in``. Both are on the fitted
+            device, in ``config.dtype`` (float32 on the CPU for the half
+            precisions, which the CPU multiplies in float32).
+
+        Examples
+        --------
+        >>> import torch, attribkit as ak
+        >>> model = torch.nn.Sequential(torch.nn.Linear(10, 3))
+        >>> kp = ak.KroneckerProjector(in_dim=4, out_dim=2).fit(model)
+        >>> P_in, P_out = kp.matrices("0")
+        >>> tuple(P_in.shape), tuple(P_out.shape)
+        ((11, 4), (3, 2))
         """
         check_is_fitted(self)
         if layer not in self.layer_dims_:
@@ -381,10 +406,10 @@ class KroneckerProjector(BaseEstimator):
         ----------
         model : torch.nn.Module
             A model with the covered layers, of the fitted shapes.
-        data : DataLoader, Dataset, tuple (inputs, targets) or iterable of batches
+        data : DataLoader, Dataset, tuple (inputs, targets), mapping or iterable of batches
             The examples.
-        loss : {"cross_entropy", "mse"} or callable, default="cross_entropy"
-            The per-example loss.
+        loss : {"cross_entropy", "mse", "causal_lm"} or callable, default="cross_entropy"
+            The per-example loss, as in :func:`~attribkit.per_example_gradients`.
         params : list of str, optional
             None, or the covered parameters (``param_shapes_``, any order).
         config : ComputeConfig, optional

@@ -133,6 +133,8 @@ class RandomProjector(BaseEstimator):
     proj_dim_ : int
         The output dimension ``k`` (``proj_dim``), the width of ``transform``'s
         output, as ArnoldiProjector and KroneckerProjector name theirs.
+    feature_names_in_ : ndarray of str
+        Column names of a DataFrame given to ``fit`` in array mode (only then).
 
     Notes
     -----
@@ -326,7 +328,7 @@ class RandomProjector(BaseEstimator):
         data : DataLoader, Dataset, tuple (inputs, targets), mapping or iterable of batches
             The examples.
         loss : {"cross_entropy", "mse", "causal_lm"} or callable, default="cross_entropy"
-            The per-example loss.
+            The per-example loss, as in :func:`~attribkit.per_example_gradients`.
         params : list of str, optional
             Parameters to differentiate; must name the fitted ones (any
             order) when the projector was fitted on the model.
