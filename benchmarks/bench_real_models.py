@@ -228,7 +228,6 @@ def run_case(name, model, data, loss, causal, repeats):
     n = sum(len(b["input_ids"]) for b in data)
     tokens = int(sum(b["attention_mask"].sum() for b in data))
     case = f"{name}: p={p:,}, n={n}, {tokens:,} real tokens"
-    print(case, flush=True)
     cfg = ak.ComputeConfig(progress=False)
     ekfac = ak.EKFACIFVP(damping=0.1, loss=loss, config=cfg)
     kp = ak.KroneckerProjector(in_dim=16, out_dim=16, config=cfg).fit(model)
@@ -274,8 +273,7 @@ def run_case(name, model, data, loss, causal, repeats):
 def kronfluence_case(data, repeats):
     model = conv1d_as_linear(gpt2())
     layers = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n != "lm_head"]
-    case = f"GPT-2, Conv1D -> nn.Linear: {len(layers)} layers"
-    print(case, flush=True)
+    case = f"GPT-2, Conv1D -> nn.Linear, the same {len(layers)} layers"
     cfg = ak.ComputeConfig(progress=False)
     ours = ak.EKFACIFVP(damping=0.1, loss="causal_lm", layers=layers, config=cfg)
     epoch(model, data, True)
