@@ -107,3 +107,22 @@ def test_api_index_lists_every_public_name():
 
 def _is_submodule(obj) -> bool:
     return type(obj).__name__ == "module"
+
+
+def test_readme_transformers_example_runs():
+    """README's "Transformers and LoRA" blocks, as written: raw peft GPT-2, dict batches."""
+    pytest.importorskip("peft")
+    blocks = _code_blocks(_readme_section("Transformers and LoRA"))
+    assert len(blocks) == 2
+    namespace: dict = {}
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        for block in blocks:
+            exec(compile(block, "README.rst", "exec"), namespace)
+    lora, ekfac, top_idx = namespace["lora"], namespace["ekfac"], namespace["top_idx"]
+    adapters = [n for n, p in lora.named_parameters() if p.requires_grad]
+    assert list(ekfac.param_shapes_) == adapters and len(ekfac.layers_) == 8
+    assert top_idx.shape == (8, 5)
+    # The test batch is the first training batch: each sequence is its own top proponent.
+    assert top_idx[:, 0].tolist() == list(range(8))
