@@ -44,9 +44,11 @@ lint:  ## ruff check + format check
 	$(PYTHON) -m ruff check $(LINT_PATHS)
 	$(PYTHON) -m ruff format --check $(LINT_PATHS)
 
-bench: install  ## set up and run every benchmark (dattri best-effort)
+bench: install  ## set up and run every benchmark (dattri, kronfluence best-effort)
 	$(PIP) install -e ".[bench]"
 	$(PIP) install --no-deps dattri==0.1.0 || echo "dattri not installed; skipping it"
+	$(PIP) install --no-deps kronfluence==1.0.1 einops==0.8.2 opt-einsum==3.4.0 einconv==0.1.0 \
+		accelerate || echo "kronfluence not installed; skipping it"
 	OMP_WAIT_POLICY=$(OMP_WAIT_POLICY) $(PYTHON) benchmarks/run.py
 
 # dattri's own tests of the functions attribkit.functional mirrors, against attribkit.functional (needs PyPI).

@@ -559,15 +559,32 @@ class _Gather:
             self.filled += b
             return
         if self.buffer is not None:  # more examples than announced: gather the rest
-            self.chunks.append(self.buffer[: self.filled])
+            self.chunks.append([self.buffer[: self.filled]])
             self.buffer = None
-        joined = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
-        self.chunks.append(joined.to(device=self.device, dtype=self.dtype))
+        # Kept as parts and concatenated once into the result: one copy of the
+        # rows, not two (a batch's own concatenation, then the batches').
+        self.chunks.append([p.to(device=self.device, dtype=self.dtype) for p in parts])
 
     def result(self) -> torch.Tensor:
         if self.buffer is not None:
             return self.buffer[: self.filled] if self.filled < self.n else self.buffer
-        return self.chunks[0] if len(self.chunks) == 1 else torch.cat(self.chunks)
+        if len(self.chunks) == 1 and len(self.chunks[0]) == 1:
+            return self.chunks[0][0]
+        first = self.chunks[0][0]
+        width = sum(p.shape[1] for p in self.chunks[0]) if len(self.chunks[0]) > 1 else None
+        rows = sum(parts[0].shape[0] for parts in self.chunks)
+        shape = (rows, width) if width is not None else (rows, *first.shape[1:])
+        out = torch.empty(shape, device=self.device, dtype=self.dtype)
+        start = 0
+        for parts in self.chunks:
+            b = parts[0].shape[0]
+            if len(parts) == 1:
+                out[start : start + b].copy_(parts[0])
+            else:
+                torch.cat(parts, dim=1, out=out[start : start + b])
+            start += b
+        self.chunks = []
+        return out
 
 
 def _row_source(model, data, loss, params, config, projector):

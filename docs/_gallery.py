@@ -21,15 +21,22 @@ from sphinx_gallery.scrapers import figure_rst
 OUTPUT = Path(__file__).resolve().parent / "_build" / "example_output"
 
 # Command-line arguments per example: the quick variants, so the whole build takes
-# a few minutes on 2 cores. quickstart.py --quick is the variant tests/test_examples.py
-# checks; the others are small at their defaults. distributed_ekfac.py runs as one
-# process (it needs torchrun for more).
+# a few minutes on 2 cores. quickstart.py --quick and transformer_lora.py --quick are
+# the variants tests/test_examples.py checks; the others are small at their defaults.
+# distributed_ekfac.py runs as one process (it needs torchrun for more).
 ARGV = {
     "quickstart.py": ["--quick", "--out", str(OUTPUT / "quickstart")],
+    "transformer_lora.py": ["--quick"],
 }
 
 # Gallery order: the whole story first, then the single topics.
-ORDER = ["quickstart.py", "label_noise.py", "pipeline.py", "distributed_ekfac.py"]
+ORDER = [
+    "quickstart.py",
+    "label_noise.py",
+    "transformer_lora.py",
+    "pipeline.py",
+    "distributed_ekfac.py",
+]
 
 
 def reset_argv(gallery_conf, script_vars) -> list[str]:

@@ -326,8 +326,9 @@ class LMLogits(nn.Module):
     """A causal LM called as ``model(input_ids, attention_mask)``, returning next-token logits.
 
     ``(batch, vocab, T - 1)``: the logits of positions ``0 .. T-2`` in torch's
-    ``CrossEntropyLoss`` layout, to compare with ``input_ids[:, 1:]`` (the
-    test-only wrapper until models are taken raw).
+    ``CrossEntropyLoss`` layout, to compare with ``input_ids[:, 1:]``: a
+    user's own output layout and callable loss (:func:`token_sum_ce`). Models
+    are taken raw; tests that need no callable loss use the raw GPT-2.
     """
 
     def __init__(self, lm):
@@ -429,3 +430,34 @@ def tiny_resnet(seed=0):
         for _ in range(3):
             model(1.0 + 2.0 * torch.randn(16, 3, 8, 8, generator=g, dtype=D64))
     return model.eval()
+
+
+def tiny_bert(seed=0, vocab=40, hidden=12, positions=16, num_labels=3):
+    """A random-init ``BertForSequenceClassification`` (float64, eval) from a config."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(seed)
+    cfg = BertConfig(
+        vocab_size=vocab, hidden_size=hidden, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=2 * hidden, max_position_embeddings=positions, num_labels=num_labels,
+        pad_token_id=0,
+    )  # fmt: skip
+    return BertForSequenceClassification(cfg).double().eval()
+
+
+def lora_gpt2(seed=0, target_modules=("c_attn", "c_fc"), r=2):
+    """peft LoRA on :func:`tiny_gpt2` with random ``lora_B``, as after fine-tuning.
+
+    ``init_lora_weights=False``: peft's default starts ``lora_B`` at zero, so
+    before training every ``lora_A`` gradient is zero. ``fan_in_fan_out``:
+    GPT-2's ``Conv1D`` weights are ``(in, out)``.
+    """
+    import peft
+
+    config = peft.LoraConfig(
+        r=r, target_modules=list(target_modules), fan_in_fan_out=True, lora_dropout=0.0,
+        init_lora_weights=False,
+    )  # fmt: skip
+    base = tiny_gpt2(seed=seed)
+    torch.manual_seed(seed + 1)
+    return peft.get_peft_model(base, config).double().eval()

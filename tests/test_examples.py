@@ -65,3 +65,16 @@ def test_label_noise_example():
     out = run_example("label_noise.py")
     found = re.search(r"ExplicitIFVP \((\w+) solver\)\s+(\d\.\d\d)", out)
     assert found and float(found.group(2)) > 0.5, out  # chance is 0.05
+
+
+@pytest.mark.slow
+def test_transformer_lora_quick():
+    pytest.importorskip("transformers")
+    pytest.importorskip("peft")
+    out = run_example("transformer_lora.py", "--quick")
+    before, after = map(float, re.search(r"(\d+\.\d\d) before, (\d+\.\d\d) after", out).groups())
+    assert after < before / 2, out  # the fine-tune learned the new templates
+    assert "EK-FAC on 16 LoRA layers" in out
+    share = int(re.search(r"EK-FAC influence\s+(\d+)%", out).group(1))
+    assert share >= 75, out  # same-topic proponents; chance is 25%
+    assert out.count("[generated]") == 2

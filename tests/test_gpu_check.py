@@ -1,8 +1,8 @@
 """``benchmarks/gpu_check.py --dry-run``: every row of ``make gpu-check`` runs on the CPU.
 
 The real check needs an NVIDIA GPU; its dry run exercises the same code at tiny
-sizes, so the script cannot rot on machines without one. The GPT-2 rows need
-API section 7 (dict batches, ``loss="causal_lm"``) and are checked once it exists.
+sizes, so the script cannot rot on machines without one. The GPT-2 rows
+(dict batches, ``loss="causal_lm"``, ``Conv1D`` in EK-FAC) need transformers.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_docs import causal_lm_batches_supported, transformer_layers_supported
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -64,11 +63,6 @@ def test_distributed_row(gpu_check):
     not importlib.util.find_spec("transformers"), reason="needs transformers for GPT-2"
 )
 def test_gpt2_rows(gpu_check):
-    if not (causal_lm_batches_supported() and transformer_layers_supported()):
-        pytest.skip(
-            "the GPT-2 rows use API section 7 (loss='causal_lm', Conv1D in EK-FAC), not "
-            "implemented yet"
-        )
     table = gpu_check.Table()
     gpu_check.gpt2(table, CPU, gpu_check.SIZES["dry"])
     rows = rows_ok(table, allowed=("ok",))

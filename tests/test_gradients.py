@@ -141,3 +141,22 @@ def test_true_fisher_targets_follow_the_model():
     assert torch.equal(a, sample_targets(logits[:50], "cross_entropy"))
     with pytest.raises(ValueError, match="fisher='empirical'"):
         sample_targets(logits, lambda o, t: o.sum(1))
+
+
+@pytest.mark.parametrize("announced", [None, 5, 9])
+@pytest.mark.parametrize("flat", [True, False])
+def test_gather_concatenates_each_row_once_whatever_the_count(announced, flat):
+    """Unknown counts (a list of batches) and counts exceeded give the plain concatenation."""
+    from attribkit.gradients import _Gather
+
+    g = torch.Generator().manual_seed(0)
+    batches = [
+        [torch.randn(b, 3, generator=g), torch.randn(b, 2, generator=g, dtype=torch.float32)]
+        for b in (2, 3, 4)
+    ]
+    gather = _Gather(announced, torch.device("cpu"), torch.float64)
+    for parts in batches:
+        gather.add(parts if flat else parts[:1])
+    got = gather.result()
+    expected = torch.cat([torch.cat(p if flat else p[:1], dim=1) for p in batches]).double()
+    assert got.dtype == torch.float64 and torch.equal(got, expected)

@@ -139,13 +139,13 @@ def test_conv1d_transform_equals_dense_definition():
 
 
 def test_gpt2_conv1d_equals_equivalent_linear():
-    model = LMLogits(tiny_gpt2())
+    model = tiny_gpt2()  # raw: padded dict batches, loss="causal_lm"
     twin = conv1d_as_linear(model)
-    ids, _ = padded_sequences([12] * 8, seed=3)
-    data = lm_batch(ids)
-    est = ak.EKFACIFVP(damping=0.1, loss=token_sum_ce, config=F64).fit(model, data)
-    ref = ak.EKFACIFVP(damping=0.1, loss=token_sum_ce, config=F64).fit(twin, data)
-    names = [f"lm.transformer.h.{i}.{p}" for i in range(2) for p in
+    ids, mask = padded_sequences([12, 9, 12, 5, 12, 10, 12, 7], seed=3)
+    data = {"input_ids": ids, "attention_mask": mask}
+    est = ak.EKFACIFVP(damping=0.1, loss="causal_lm", config=F64).fit(model, data)
+    ref = ak.EKFACIFVP(damping=0.1, loss="causal_lm", config=F64).fit(twin, data)
+    names = [f"transformer.h.{i}.{p}" for i in range(2) for p in
              ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")]  # fmt: skip
     assert est.layers_ == names
     assert_same_factors(est, ref)
@@ -257,24 +257,22 @@ def test_two_linear_layers_sharing_a_weight():
 
 
 def test_gpt2_lm_head_is_tied_to_the_embedding():
-    model = LMLogits(tiny_gpt2())
-    ids, _ = padded_sequences([10] * 6, seed=4)
-    data = lm_batch(ids)
-    est = ak.EKFACIFVP(loss=token_sum_ce, config=F64).fit(model, data)
-    assert "lm.lm_head" in est.skipped_layers_
-    assert "'lm.transformer.wte.weight' is tied to" in est.skipped_reasons_["lm.lm_head"]
+    model = tiny_gpt2()  # raw
+    ids, mask = padded_sequences([10, 4, 10, 7, 10, 9], seed=4)
+    data = {"input_ids": ids, "attention_mask": mask}
+    est = ak.EKFACIFVP(loss="causal_lm", config=F64).fit(model, data)
+    assert "lm_head" in est.skipped_layers_
+    assert "'transformer.wte.weight' is tied to" in est.skipped_reasons_["lm_head"]
     named = dict(model.named_parameters())
     assert all(named[k].shape == s for k, s in est.param_shapes_.items())
     # The README recipe works: param_shapes_ names parameters the model has.
-    # (without an attention_mask: vmap cannot run transformers' mask code yet)
-    pair = ({"input_ids": ids[:2]}, lm_batch(ids[:2])[1])
     G = ak.per_example_gradients(
-        model, pair, loss=token_sum_ce, params=list(est.param_shapes_), config=F64
+        model, data, loss="causal_lm", params=list(est.param_shapes_), config=F64
     )
-    assert G.shape == (2, est.n_features_in_)
-    with pytest.warns(UserWarning, match="'lm.lm_head', whose weight 'lm.transformer.wte.weight'"):
-        head = ak.EKFACIFVP(layers=["lm.lm_head"], loss=token_sum_ce, config=F64).fit(model, data)
-    assert list(head.param_shapes_.items()) == [("lm.transformer.wte.weight", (40, 16))]
+    assert G.shape == (6, est.n_features_in_)
+    with pytest.warns(UserWarning, match="'lm_head', whose weight 'transformer.wte.weight'"):
+        head = ak.EKFACIFVP(layers=["lm_head"], loss="causal_lm", config=F64).fit(model, data)
+    assert list(head.param_shapes_.items()) == [("transformer.wte.weight", (40, 16))]
 
 
 # --------------------------------------------------------------------------- coverage
@@ -519,6 +517,12 @@ def test_padded_tokens_enter_no_covariance():
 
 
 def test_gpt2_padded_batch_equals_the_sequences_unpadded():
+    """A wrapped model and a callable loss: padding leaves the covariances through the mask.
+
+    The wrapper stays on purpose (a user's own loss on ``(batch, vocab, T - 1)``
+    outputs); the raw model with ``loss="causal_lm"`` is checked against the
+    definition in tests/test_real_models_e2e.py.
+    """
     model = LMLogits(tiny_gpt2(n_embd=8))
     lengths = [12, 7, 9, 4, 12, 10]
     ids, mask = padded_sequences(lengths, seed=5)
@@ -582,12 +586,11 @@ def test_lora_layers_are_exactly_the_default_layers():
 
 
 def test_lora_on_gpt2_conv1d_attention():
-    model = LMLogits(lora(tiny_gpt2(), target_modules=["c_attn"], fan_in_fan_out=True))
+    model = lora(tiny_gpt2(), target_modules=["c_attn"], fan_in_fan_out=True)  # raw
     ids, mask = padded_sequences([10, 6, 8, 10], seed=6)
+    data = {"input_ids": ids, "attention_mask": mask}
     est = no_coverage_warning(
-        lambda: ak.EKFACIFVP(damping=0.1, loss=token_sum_ce, config=F64).fit(
-            model, lm_batch(ids, mask)
-        )
+        lambda: ak.EKFACIFVP(damping=0.1, loss="causal_lm", config=F64).fit(model, data)
     )
     assert est.layers_ == lora_modules(model) and len(est.layers_) == 4
     assert all(".attn.c_attn.lora_" in n for n in est.layers_)

@@ -8,14 +8,11 @@ import warnings
 import pytest
 import torch
 from cases import (
-    LMLogits,
     conv1d_as_linear,
     conv1d_net,
-    lm_batch,
     padded_sequences,
     tiny_gpt2,
     token_data,
-    token_sum_ce,
 )
 from reference import assert_close, kronecker_projection
 from torch import nn
@@ -64,25 +61,23 @@ def test_conv1d_equals_equivalent_linear_and_the_definition():
 
 
 def test_gpt2_conv1d_equals_equivalent_linear():
-    model = LMLogits(tiny_gpt2())
+    model = tiny_gpt2()  # raw: padded dict batches, loss="causal_lm"
     twin = conv1d_as_linear(model)
     kp = ak.KroneckerProjector(in_dim=4, out_dim=4, config=F64).fit(model)
     ref = ak.KroneckerProjector(in_dim=4, out_dim=4, config=F64).fit(twin)
-    assert len(kp.layers_) == 8 and "lm.lm_head" in kp.skipped_layers_  # tied
+    assert len(kp.layers_) == 8 and "lm_head" in kp.skipped_layers_  # tied
     V, W = twin_vectors(kp, ref, conv1d_weights(model))
     assert_close(kp.transform(V), ref.transform(W), rtol=1e-12)
     ids, mask = padded_sequences([10, 6, 9, 3, 10], seed=2)
-    data = lm_batch(ids, mask)
-    got = ak.per_example_gradients(model, data, loss=token_sum_ce, projector=kp, config=F64)
-    expected = ak.per_example_gradients(twin, data, loss=token_sum_ce, projector=ref, config=F64)
+    data = {"input_ids": ids, "attention_mask": mask}
+    got = ak.per_example_gradients(model, data, loss="causal_lm", projector=kp, config=F64)
+    expected = ak.per_example_gradients(twin, data, loss="causal_lm", projector=ref, config=F64)
     assert_close(got, expected, rtol=1e-10)
-    # ... and the transform of the per-example gradients (unpadded: vmap).
-    plain = ({"input_ids": ids[:2, :6]}, lm_batch(ids[:2, :6])[1])
+    # ... and the transform of the per-example gradients of the same padded batches.
     G = ak.per_example_gradients(
-        model, plain, loss=token_sum_ce, params=list(kp.param_shapes_), config=F64
+        model, data, loss="causal_lm", params=list(kp.param_shapes_), config=F64
     )
-    hooked = ak.per_example_gradients(model, plain, loss=token_sum_ce, projector=kp, config=F64)
-    assert_close(hooked, kp.transform(G), rtol=1e-10)
+    assert_close(got, kp.transform(G), rtol=1e-10)
 
 
 def test_conv1d_projector_round_trips_through_save(tmp_path):
