@@ -821,10 +821,7 @@ def test_fingerprints_see_every_value_and_its_place():
     # The documented definition, summed directly.
     for t, v in enumerate((x, y)):
         v = v.double().reshape(-1)
-        a = (
-            torch.arange(v.numel(), dtype=torch.float64) * checksum._PHI
-            + t * checksum._PSI
-        )
+        a = torch.arange(v.numel(), dtype=torch.float64) * checksum._PHI + t * checksum._PSI
         want = torch.stack([v.abs().sum(), (v * a.cos()).sum(), (v * a.sin()).sum()])
         assert_close(base[t], want, rtol=1e-12)
 
