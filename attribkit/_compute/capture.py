@@ -100,10 +100,11 @@ for reading or writing), and ``matrix_to_params`` / ``params_to_matrix``
 convert between the matrix and a layer's parameters.
 
 A layer whose output does not require grad (frozen parameters and nothing
-trainable upstream) gets a detached leaf that requires grad in place of its
-output, so its ``s`` is still defined; the model's parameters and their
-``requires_grad`` flags are never changed. The model itself is called with
-:func:`attribkit._compute.model.call_model`, the one model-call dispatcher.
+trainable upstream) is differentiated at a fresh leaf and the model goes on
+with a copy of it (:func:`output_edge`), so its ``s`` is still defined; the
+model's parameters and their ``requires_grad`` flags are never changed. The
+model itself is called with :func:`attribkit._compute.model.call_model`, the
+one model-call dispatcher.
 """
 
 from __future__ import annotations
@@ -117,15 +118,29 @@ from collections.abc import Callable, Mapping
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.graph import get_gradient_edge
 
 from . import validation as V
 
-try:  # torch >= 2.2: the edge taken at forward time survives in-place changes
-    from torch.autograd.graph import get_gradient_edge as _edge
-except ImportError:  # pragma: no cover - older torch
 
-    def _edge(tensor):
-        return tensor
+def output_edge(output: torch.Tensor):
+    """Where to differentiate a hooked module's output, and what its forward hook returns.
+
+    Returns ``(edge, replaced)``. An output that requires grad gives its
+    gradient edge, taken now so that it survives later in-place changes of
+    the output (``relu_`` after a layer), and ``replaced`` is None: the model
+    goes on with its own output. An output that does not (nothing upstream is
+    differentiated: frozen parameters, integer inputs) gives a fresh leaf
+    that requires grad as the edge, and the model is handed a copy of it as
+    ``replaced``, since an in-place op on a leaf that requires grad would
+    fail. The model's parameters and their ``requires_grad`` flags are never
+    changed. Both hook captures (:class:`LayerCapture` and the per-example
+    one of :mod:`attribkit._compute.gradients`) go through this.
+    """
+    if output.requires_grad:
+        return get_gradient_edge(output), None
+    leaf = output.detach().requires_grad_()
+    return leaf, leaf.clone()
 
 
 __all__ = [
@@ -136,6 +151,7 @@ __all__ = [
     "coverage",
     "matrix_to_params",
     "matrix_view",
+    "output_edge",
     "param_layout",
     "params_to_matrix",
     "register",
@@ -734,11 +750,8 @@ class LayerCapture:
                 return None
             x = args[0] if args else kwargs.get("input", next(iter(kwargs.values())))
             self._inputs[index].append(_layer_input(layer, x))
-            replaced = None
-            if not output.requires_grad:
-                # Nothing upstream is trainable: differentiate at a fresh leaf.
-                output = replaced = output.detach().requires_grad_()
-            self._edges[index].append(_edge(output))
+            edge, replaced = output_edge(output)
+            self._edges[index].append(edge)
             return replaced
 
         return hook

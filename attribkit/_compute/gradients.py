@@ -58,7 +58,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from ..config import ComputeConfig
 from . import validation as V
-from .capture import _edge, gradient_rule_for
+from .capture import gradient_rule_for, output_edge
 from .data import batch_len
 from .model import (
     EvalMode,
@@ -198,7 +198,7 @@ class _Uses(TorchFunctionMode):
             and result.shape[1:] == t.shape[1:]
             and result.requires_grad
         ):
-            record.edges.append(_edge(result))
+            record.edges.append(output_edge(result)[0])
             return
         cap.dirty.update(cap.plan.hooked[record.module][1].values())
 
@@ -315,14 +315,9 @@ class _HookCapture:
         except ValueError:
             self.dirty.update(locals_.values())
             return None
-        replaced = None
-        if output.requires_grad:
-            edge = _edge(output)
-        else:
-            # Nothing upstream is differentiated: differentiate at a fresh leaf, and
-            # hand the model a copy (an in-place op on the leaf itself would fail).
-            edge = output.detach().requires_grad_()
-            output = replaced = edge.clone()
+        edge, replaced = output_edge(output)
+        if replaced is not None:
+            output = replaced
         if shared:
             self.shared[id(output)] = _Shared(module, saved, output)
         else:

@@ -386,6 +386,41 @@ def test_frozen_layers_and_requested_frozen_layer():
     assert all(p.grad is None for p in model.parameters())
 
 
+class InPlaceAfterFrozen(nn.Module):
+    """A frozen first layer whose output is changed in place (``relu_``), as in ResNets."""
+
+    def __init__(self, in_place):
+        super().__init__()
+        self.a, self.b, self.in_place = nn.Linear(4, 6), nn.Linear(6, 3), in_place
+
+    def forward(self, x):
+        h = self.a(x)
+        return self.b(h.relu_() if self.in_place else torch.relu(h))
+
+
+@pytest.mark.parametrize("estimator", ["ekfac", "kronecker"])
+def test_requested_frozen_layer_followed_by_an_in_place_op(estimator):
+    # Its output does not require grad, so the capture differentiates at a fresh
+    # leaf; the model must go on with a copy, or relu_ on that leaf fails.
+    torch.manual_seed(0)
+    plain = InPlaceAfterFrozen(in_place=False).double()
+    plain.a.requires_grad_(False)
+    inplace = InPlaceAfterFrozen(in_place=True).double()
+    inplace.load_state_dict(plain.state_dict())
+    inplace.a.requires_grad_(False)
+    X, y = torch.randn(12, 4, dtype=D64), torch.randint(0, 3, (12,))
+
+    def run(model):
+        if estimator == "ekfac":
+            est = ak.EKFACIFVP(layers=["a", "b"], damping=0.1, config=F64).fit(model, (X, y))
+            return est.transform(torch.eye(51, dtype=D64)[:5])
+        kp = ak.KroneckerProjector(2, 2, layers=["a", "b"], config=F64).fit(model)
+        return ak.per_example_gradients(model, (X, y), projector=kp, config=F64)
+
+    assert_close(run(inplace), run(plain))
+    assert not any(p.requires_grad for p in inplace.a.parameters())
+
+
 # --------------------------------------------------------------------------- robustness
 class Exploding(nn.Module):
     """Raises inside its forward on the given call."""
