@@ -383,22 +383,70 @@ def scipy_fails(*args, **kwargs):
     raise scipy.linalg.LinAlgError("the eigenvalue algorithm did not converge")
 
 
+def scipy_failing_with(driver, calls):
+    """scipy.linalg.eigh that fails for one driver and counts every call by driver."""
+    import scipy.linalg
+
+    real = scipy.linalg.eigh
+
+    def eigh(matrix, *args, **kwargs):
+        calls.append(kwargs.get("driver"))
+        if kwargs.get("driver") == driver:
+            raise scipy.linalg.LinAlgError("the eigenvalue algorithm did not converge")
+        return real(matrix, *args, **kwargs)
+
+    return eigh
+
+
 def test_failing_eigh_falls_back_to_scipy_then_names_the_layer(monkeypatch):
     import scipy.linalg
+
+    from attribkit.ifvp import ekfac
 
     model, X, y = mlp_case()
     V = torch.randn(3, 39, dtype=D64)
     ref = ak.EKFACIFVP(damping=0.1, config=F64).fit(model, (X, y))
-    calls = []
-    monkeypatch.setattr(torch.linalg, "eigh", failing(calls))
+    # On the CPU: scipy's divide and conquer first; torch's eigh is never called.
+    torch_calls, scipy_calls = [], []
+    monkeypatch.setattr(torch.linalg, "eigh", failing(torch_calls))
+    monkeypatch.setattr(scipy.linalg, "eigh", scipy_failing_with("evd", scipy_calls))
     est = ak.EKFACIFVP(damping=0.1, config=F64).fit(model, (X, y))
-    assert len(calls) == 4  # A and S of two layers, each recovered by scipy
+    assert torch_calls == [] and scipy_calls == ["evd", "evr"] * 4  # A and S of two layers
+    assert_close(est.transform(V), ref.transform(V), rtol=1e-10)
+    # Where torch decomposes first (a GPU), its failure falls back to scipy's MRRR.
+    monkeypatch.setattr(ekfac, "_torch_first", lambda device: True)
+    scipy_calls.clear()
+    est = ak.EKFACIFVP(damping=0.1, config=F64).fit(model, (X, y))
+    assert len(torch_calls) == 4 and scipy_calls == ["evr"] * 4
     assert_close(est.transform(V), ref.transform(V), rtol=1e-10)
 
     monkeypatch.setattr(scipy.linalg, "eigh", scipy_fails)
-    with pytest.raises(ValueError, match=r"input covariance A of layer '0' \(6 x 6\).*'evr'"):
+    match = r"input covariance A of layer '0' \(6 x 6\): torch.linalg.eigh failed .*'evr', 'ev'"
+    with pytest.raises(ValueError, match=match):
+        est.fit(model, (X, y))
+    monkeypatch.setattr(ekfac, "_torch_first", lambda device: False)
+    match = r"input covariance A of layer '0' \(6 x 6\): scipy.linalg.eigh failed .*'evd', 'evr'"
+    with pytest.raises(ValueError, match=match):
         est.fit(model, (X, y))
     assert_close(est.transform(V), ref.transform(V), rtol=1e-10)  # the fit left it unchanged
+
+
+def test_scipy_and_torch_decompositions_agree():
+    """The CPU's scipy 'evd' and torch.linalg.eigh give the same decomposition to rounding."""
+    from attribkit.ifvp.ekfac import eigh_psd
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(200, 40, generator=g, dtype=D64)
+    cov = a.T @ a / 200
+    w, Q = eigh_psd(cov)
+    w_ref = torch.linalg.eigh(cov)[0]
+    assert w.dtype == Q.dtype == D64 and Q.shape == (40, 40)
+    assert_close(w, w_ref, rtol=1e-13, atol=1e-13 * float(w_ref.max()))
+    assert_close(Q @ torch.diag(w) @ Q.T, cov, rtol=1e-13, atol=1e-13 * float(w_ref.max()))
+    assert_close(Q.T @ Q, torch.eye(40, dtype=D64), rtol=0, atol=1e-13)
+    w32, Q32 = eigh_psd(cov.float())
+    assert w32.dtype == Q32.dtype == torch.float32
+    assert_close(w32.double(), w_ref, rtol=1e-5, atol=1e-6 * float(w_ref.max()))
 
 
 class TwoRanks:
