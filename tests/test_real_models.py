@@ -186,6 +186,70 @@ def test_arnoldi_with_sdpa_attention_says_to_load_eager(mode):
         est.fit(model, dict_batches(ids, mask))
 
 
+def _dense_ggn_of_mean_lm_loss(model, ids, lengths, names):
+    """The Gauss-Newton matrix of the mean causal-LM loss over the unpadded sequences.
+
+    ``(1/n) sum_j J_j^T H_j J_j``: ``J_j`` the Jacobian of sequence ``j``'s shifted
+    logits in ``names`` (``jacrev``), ``H_j`` the Hessian of its summed token cross
+    entropies in those logits (``hessian``).
+    """
+    params = dict(model.named_parameters())
+    base = {n: p.detach() for n, p in params.items()}
+    shapes = [params[n].shape for n in names]
+    theta = torch.cat([base[n].reshape(-1) for n in names])
+    total = torch.zeros(theta.numel(), theta.numel(), dtype=torch.float64)
+    for j, L in enumerate(lengths):
+        x = ids[j : j + 1, :L]
+
+        def logits(v, x=x):
+            state, i = dict(base), 0
+            for n, s in zip(names, shapes):
+                state[n] = v[i : i + s.numel()].reshape(s)
+                i += s.numel()
+            return torch.func.functional_call(model, state, (), {"input_ids": x}).logits[0, :-1]
+
+        out = logits(theta).detach()
+        J = torch.func.jacrev(logits)(theta).reshape(out.numel(), -1)
+        H = torch.func.hessian(lambda o, x=x: F.cross_entropy(o, x[0, 1:], reduction="sum"))(out)
+        H = H.reshape(out.numel(), out.numel())
+        total += J.T @ H @ J
+    return total / len(lengths)
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_iterative_ggn_on_gpt2_is_the_exact_inverse_over_the_unpadded_sequences(attn):
+    """IterativeIFVP on the raw model and padded dict batches (API sections 7 and 8)."""
+    model = gpt2(attn)
+    ids, mask = sequences()
+    names = [
+        "transformer.ln_f.weight", "transformer.ln_f.bias", "transformer.h.1.attn.c_proj.weight",
+    ]  # fmt: skip
+    est = ak.IterativeIFVP(
+        damping=0.1, loss="causal_lm", params=names, tol=1e-12, max_iter=300, config=F64
+    ).fit(model, dict_batches(ids, mask))
+    assert list(est.param_shapes_) == [names[2], names[0], names[1]]  # the model's order
+    G = _dense_ggn_of_mean_lm_loss(model, ids, LENGTHS, list(est.param_shapes_))
+    assert est.n_features_in_ == G.shape[0] == 144 + 12 + 12
+    V = torch.randn(3, G.shape[0], generator=torch.Generator().manual_seed(4), dtype=G.dtype)
+    X, info = est.solve(V)
+    expected = torch.linalg.solve(G + 0.1 * torch.eye(G.shape[0], dtype=G.dtype), V.T).T
+    assert_close(X, expected, rtol=1e-8)
+    assert (info["residual"] <= 1e-12).all()
+    assert all(p.grad is None for p in model.parameters()) and not model.training
+
+    # A callable loss gets the raw output (with its past_key_values cache): the same.
+    def causal_lm(out, targets):
+        logits = out.logits[:, :-1].transpose(1, 2)
+        return F.cross_entropy(logits, targets[:, 1:], reduction="none").sum(1)
+
+    targets = ids.masked_fill(mask == 0, -100)
+    pairs = [(b, targets[i : i + 3]) for i, b in zip(range(0, 7, 3), dict_batches(ids, mask))]
+    own = ak.IterativeIFVP(
+        damping=0.1, loss=causal_lm, params=names, tol=1e-12, max_iter=300, config=F64
+    ).fit(model, pairs)
+    assert_close(own.transform(V), expected, rtol=1e-8)
+
+
 # --------------------------------------------------------------------------- BERT
 def test_bert_classifier_padded_batches_with_labels_equal_the_loop():
     model = bert()

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import torch
 from torch.func import grad, jvp, vjp, vmap
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from ..config import ComputeConfig
 from . import validation as V
@@ -53,7 +53,30 @@ def _detach(outputs):
     return tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t, outputs)
 
 
-def output_hessian_product(loss, outputs, targets, U, batched: bool):
+def _differentiable(outputs):
+    """A model output's floating-point tensors (a tuple) and the function that rebuilds it.
+
+    What ``torch.func`` differentiates for a callable loss: a Hugging Face
+    ``ModelOutput`` also holds objects that are not tensors (GPT-2's
+    ``past_key_values`` cache), which ``vjp`` and ``jvp`` refuse. The rebuilt
+    output puts given tensors in the floating-point leaves and keeps every
+    other leaf as it came from the model.
+    """
+    leaves, spec = tree_flatten(outputs)
+    where = [
+        i for i, x in enumerate(leaves) if isinstance(x, torch.Tensor) and x.is_floating_point()
+    ]
+
+    def rebuild(tensors):
+        full = list(leaves)
+        for i, t in zip(where, tensors):
+            full[i] = t
+        return tree_unflatten(full, spec)
+
+    return tuple(leaves[i] for i in where), rebuild
+
+
+def output_hessian_product(loss, outputs, targets, U, batched: bool, rebuild=None):
     """``H U``: the Hessian of the summed per-example losses in the outputs, times ``U``.
 
     Parameters
@@ -70,6 +93,9 @@ def output_hessian_product(loss, outputs, targets, U, batched: bool):
         dimension of ``k`` rows when ``batched``.
     batched : bool
         Whether ``U`` holds ``k`` rows.
+    rebuild : callable, optional
+        For a callable loss: maps ``outputs`` (then a tuple of the model
+        output's floating-point tensors) to the structure the loss reads.
 
     Returns
     -------
@@ -116,7 +142,7 @@ def output_hessian_product(loss, outputs, targets, U, batched: bool):
     loss_fn = resolve_loss(loss)
 
     def summed(out):
-        return loss_fn(out, targets).sum()
+        return loss_fn(out if rebuild is None else rebuild(out), targets).sum()
 
     gradient = grad(summed)
 
@@ -181,19 +207,38 @@ class MeanLossGGN(MeanLossHVP):
     def _batch_hvp(self, inputs, targets, tangents: dict, batched: bool, index: int, offset: int):
         model, frozen, loss, owner = self.model, self._frozen, self.loss, self.owner
         # Built-in losses read the logits (API section 7): differentiate those,
-        # so a Hugging Face ModelOutput never goes through the transforms.
+        # so a Hugging Face ModelOutput never goes through the transforms. A
+        # callable gets the whole output back, its floating-point tensors
+        # differentiated (``_differentiable``).
         builtin = _builtin_name(loss) is not None
+        structure = {}
 
         def forward(sel):
             outputs = call_model(model, inputs, {**frozen, **sel})
-            return logits_of(outputs) if builtin else outputs
+            if builtin:
+                return logits_of(outputs)
+            tensors, structure["rebuild"] = _differentiable(outputs)
+            if not tensors:
+                raise _BatchProblem(
+                    ValueError(
+                        f"{V.owner_name(owner)}: the Gauss-Newton product with a callable "
+                        "loss differentiates the floating-point tensors of the model's output, "
+                        f"and the output of batch {index} (a {type(outputs).__name__}) holds "
+                        "none that torch.utils._pytree can reach. Return a tensor, a tuple or "
+                        "dict of tensors (or register the output class as a pytree node), or "
+                        "use a built-in loss."
+                    )
+                )
+            return tensors
 
         outputs, pullback = vjp(forward, self._sel)
         outputs = _detach(outputs)
+        rebuild = structure.get("rebuild")
+        seen = outputs if rebuild is None else rebuild(outputs)
         try:
-            check_batch(loss, outputs, targets, owner, index=index, offset=offset)
-            losses = self.loss_fn(outputs, targets)
-            check_batch(None, outputs, targets, owner, index=index, offset=offset, losses=losses)
+            check_batch(loss, seen, targets, owner, index=index, offset=offset)
+            losses = self.loss_fn(seen, targets)
+            check_batch(None, seen, targets, owner, index=index, offset=offset, losses=losses)
         except ValueError as exc:
             raise _BatchProblem(exc) from exc
 
@@ -201,7 +246,7 @@ class MeanLossGGN(MeanLossHVP):
             return jvp(forward, (self._sel,), (t,))[1]
 
         U = vmap(jacobian_product)(tangents) if batched else jacobian_product(tangents)
-        W = output_hessian_product(loss, outputs, targets, U, batched)
+        W = output_hessian_product(loss, outputs, targets, U, batched, rebuild)
         return pull(pullback, W, batched), losses.sum(), None
 
     def _failure(self, exc: Exception, index: int, inputs, targets) -> Exception:

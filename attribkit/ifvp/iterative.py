@@ -380,7 +380,10 @@ class IterativeIFVP(BaseEstimator):
         Model mode: the per-example loss, as in
         :func:`~attribkit.per_example_gradients` (``"causal_lm"``: the summed
         next-token cross-entropy of a language model); a callable takes
-        ``(outputs, targets)`` and returns losses of shape ``(batch,)``.
+        ``(outputs, targets)`` and returns losses of shape ``(batch,)``. It
+        receives the model's raw output; with ``curvature="ggn"`` the
+        floating-point tensors of that output are differentiated and its other
+        parts (a Hugging Face cache) passed through as they are.
     params : list of str, optional
         Model mode: the parameters the curvature is taken over (default: all
         trainable).

@@ -111,6 +111,43 @@ def test_ggn_of_sequence_outputs_with_ignored_tokens():
     assert_close(est.transform(V), dense_solve(G, 0.1, V), rtol=1e-8)
 
 
+class _Box:
+    """A model output that is not a pytree: nothing for torch.func to differentiate."""
+
+    def __init__(self, logits):
+        self.logits = logits
+
+
+@pytest.mark.parametrize("wrap", ["dict with a non-tensor", "opaque object"])
+def test_callable_loss_gets_the_model_output_back(wrap):
+    # A Hugging Face ModelOutput carries objects that are not tensors (GPT-2's cache):
+    # the floating-point tensors are differentiated, the rest passed through.
+    class Wrapped(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = mlp()
+
+        def forward(self, x):
+            out = self.net(x)
+            if wrap == "opaque object":
+                return _Box(out)
+            return {"logits": out, "cache": object(), "ids": torch.arange(len(x))}
+
+    def ce(out, t):
+        logits = out.logits if wrap == "opaque object" else out["logits"]
+        return torch.nn.functional.cross_entropy(logits, t, reduction="none")
+
+    model, (X, y) = Wrapped().double(), classification_data()
+    ggn = MeanLossGGN(model, (X, y), loss=ce, config=F64)
+    V = probe(39, 2)  # the MLP's 5 * 4 + 4 + 4 * 3 + 3 parameters
+    if wrap == "opaque object":
+        with pytest.raises(ValueError, match=r"(?s)batch 0 \(a _Box\).*torch.utils._pytree"):
+            ggn(V)
+        return
+    G = dense_gauss_newton(model.net, X, y, "cross_entropy")
+    assert_close(ggn(V), V @ G, rtol=1e-10)
+
+
 def test_cross_entropy_ignores_targets_of_minus_100():
     model, (X, y) = mlp(), classification_data()
     y = y.clone()
