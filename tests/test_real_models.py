@@ -250,6 +250,30 @@ def test_iterative_ggn_on_gpt2_is_the_exact_inverse_over_the_unpadded_sequences(
     assert_close(own.transform(V), expected, rtol=1e-8)
 
 
+def test_iterative_ggn_with_sdpa_attention_says_to_load_eager():
+    # Head dimension 8 selects PyTorch's CPU flash-attention kernel, which has no
+    # forward-mode rule (with head dimension 6, as in gpt2() above, SDPA runs its
+    # differentiable math kernel and the product works).
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(
+        vocab_size=VOCAB, n_positions=16, n_embd=16, n_layer=1, n_head=2,
+        bos_token_id=PAD, eos_token_id=PAD, attn_implementation="sdpa",
+    )  # fmt: skip
+    model = transformers.GPT2LMHeadModel(config).double().eval()
+    ids, mask = sequences(LENGTHS[:3])
+    est = ak.IterativeIFVP(damping=0.1, max_iter=3, loss="causal_lm", config=F64)
+    match = r'(?s)IterativeIFVP: the Gauss-Newton product .*batch 0.*attn_implementation="eager"'
+    with pytest.raises(ValueError, match=match):
+        est.fit(model, dict_batches(ids, mask))
+    assert not model.training and all(p.grad is None for p in model.parameters())
+    model.set_attn_implementation("eager")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # 3 iterations do not converge
+        est.fit(model, dict_batches(ids, mask))
+        V = torch.randn(1, est.n_features_in_, dtype=torch.float64)
+        assert torch.isfinite(est.transform(V)).all()
+
+
 # --------------------------------------------------------------------------- BERT
 def test_bert_classifier_padded_batches_with_labels_equal_the_loop():
     model = bert()

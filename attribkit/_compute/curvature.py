@@ -401,17 +401,16 @@ class MeanLossHVP:
           ``ValueError`` naming the batch (API section 9).
         """
         who, text = V.owner_name(self.owner), f"{type(exc).__name__}: {exc}"
-        mode = f"mode={self.mode!r}"
         if "scaled_dot_product" in text or "_efficient_attention" in text:
             return ValueError(
-                f"{who}: the Hessian-vector product ({mode}) failed on batch {index} of 'data' "
+                f"{who}: {self._product_name()} failed on batch {index} of 'data' "
                 "in the model's scaled-dot-product attention (SDPA), whose kernels have no "
                 "forward-mode derivative and, on some devices, no second derivative "
                 f"({text}). Use eager attention: load the model with "
                 'from_pretrained(name, attn_implementation="eager"), build it from a config '
                 'made with attn_implementation="eager", or switch a loaded one with '
-                'model.set_attn_implementation("eager") (same weights, same outputs); '
-                "mode='rev-rev' does not help with SDPA."
+                'model.set_attn_implementation("eager") (same weights, same outputs)'
+                f"{self._sdpa_note()}"
             )
         if self.mode == "rev-fwd" and forward_ad_error(exc):
             return RuntimeError(
@@ -421,6 +420,13 @@ class MeanLossHVP:
                 "forward-mode rule; use mode='rev-rev'."
             )
         return model_failure(exc, index, inputs, targets, self.owner)
+
+    def _product_name(self) -> str:
+        """What this class computes, for error messages."""
+        return f"the Hessian-vector product (mode={self.mode!r})"
+
+    def _sdpa_note(self) -> str:
+        return "; mode='rev-rev' does not help with SDPA."
 
     def _check_finite(self, value: torch.Tensor, hv: dict, index: int) -> None:
         """Refuse a non-finite loss or product: its Hessian is meaningless, not zero."""
