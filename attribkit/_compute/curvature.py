@@ -410,7 +410,7 @@ class MeanLossHVP:
                 'from_pretrained(name, attn_implementation="eager"), build it from a config '
                 'made with attn_implementation="eager", or switch a loaded one with '
                 'model.set_attn_implementation("eager") (same weights, same outputs)'
-                f"{self._sdpa_note()}"
+                f"{self._SDPA_NOTE}"
             )
         if self.mode == "rev-fwd" and forward_ad_error(exc):
             return RuntimeError(
@@ -421,12 +421,12 @@ class MeanLossHVP:
             )
         return model_failure(exc, index, inputs, targets, self.owner)
 
+    #: The end of the SDPA error: what else does not help.
+    _SDPA_NOTE = "; mode='rev-rev' does not help with SDPA."
+
     def _product_name(self) -> str:
         """What this class computes, for error messages."""
         return f"the Hessian-vector product (mode={self.mode!r})"
-
-    def _sdpa_note(self) -> str:
-        return "; mode='rev-rev' does not help with SDPA."
 
     def _check_finite(self, value: torch.Tensor, hv: dict, index: int) -> None:
         """Refuse a non-finite loss or product: its Hessian is meaningless, not zero."""

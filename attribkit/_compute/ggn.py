@@ -249,11 +249,10 @@ class MeanLossGGN(MeanLossHVP):
         W = output_hessian_product(loss, outputs, targets, U, batched, rebuild)
         return pull(pullback, W, batched), losses.sum(), None
 
+    _SDPA_NOTE = "."
+
     def _product_name(self) -> str:
         return "the Gauss-Newton product (Jacobian-vector products by forward-mode AD)"
-
-    def _sdpa_note(self) -> str:
-        return "."
 
     def _failure(self, exc: Exception, index: int, inputs, targets) -> Exception:
         if forward_ad_error(exc) and "scaled_dot_product" not in str(exc):
